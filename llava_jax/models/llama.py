@@ -1,0 +1,125 @@
+"""LLaMA / Vicuna decoder: RMSNorm, RoPE (rotate_half), grouped-query attention, SwiGLU, optional KV cache."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llava_jax.models.config import LlamaConfig
+from llava_jax.models.layers import RMSNorm, attention, dense, logical_init, maybe_remat, rope
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+  """Empty KV cache for `max_len` slots.
+
+  k, v: [layers, batch, max_len, kv_heads, head_dim]; mask: [batch, max_len] (slot holds a real token);
+  index: next slot to write (shared by the batch: prompts are left-padded); next_pos: [batch] next position id.
+  """
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.dim_per_head)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype), 'mask': jnp.zeros((batch, max_len), bool),
+          'index': jnp.zeros((), jnp.int32), 'next_pos': jnp.zeros((batch,), jnp.int32)}
+
+
+class LlamaBlock(nn.Module):
+  config: LlamaConfig
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: Array, layer_cache: Optional[Cache], positions: Array, mask: Array,
+               cache_index: Optional[Array]):
+    c, dt, pdt = self.config, self.dtype, self.param_dtype
+    nh, nkv, hd = c.num_heads, c.num_kv_heads, c.dim_per_head
+    h = RMSNorm(c.rms_norm_eps, dt, pdt, name='input_layernorm')(x)
+    q = dense((nh, hd), ('embed', 'q_heads', 'head_dim'), name='q_proj', dtype=dt, param_dtype=pdt)(h)
+    k = dense((nkv, hd), ('embed', 'kv_heads', 'head_dim'), name='k_proj', dtype=dt, param_dtype=pdt)(h)
+    v = dense((nkv, hd), ('embed', 'kv_heads', 'head_dim'), name='v_proj', dtype=dt, param_dtype=pdt)(h)
+    q = rope(q, positions, c.rope_theta)
+    k = rope(k, positions, c.rope_theta)
+    new_cache = None
+    if layer_cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(layer_cache['k'], k.astype(layer_cache['k'].dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(layer_cache['v'], v.astype(layer_cache['v'].dtype), cache_index, 1)
+      new_cache = {'k': k, 'v': v}
+      k, v = k.astype(dt), v.astype(dt)
+    o = attention(q, k, v, mask)
+    o = dense(c.hidden_size, ('q_heads', 'head_dim', 'embed'), name='o_proj', dtype=dt, param_dtype=pdt,
+              axis=(-2, -1))(o)
+    x = x + o
+    h = RMSNorm(c.rms_norm_eps, dt, pdt, name='post_attention_layernorm')(x)
+    gate = dense(c.intermediate_size, ('embed', 'mlp'), name='gate_proj', dtype=dt, param_dtype=pdt)(h)
+    up = dense(c.intermediate_size, ('embed', 'mlp'), name='up_proj', dtype=dt, param_dtype=pdt)(h)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ('activation_batch', 'activation_length', 'activation_mlp'))
+    h = dense(c.hidden_size, ('mlp', 'embed'), name='down_proj', dtype=dt, param_dtype=pdt)(h)
+    x = x + h
+    x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))
+    return x, new_cache
+
+
+class LlamaForCausalLM(nn.Module):
+  """Decoder with LM head. Params: embed_tokens, layers (stacked over layers), norm, lm_head (unless tied)."""
+  config: LlamaConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  remat_policy: str = 'none'
+
+  def setup(self):
+    c = self.config
+    self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 embedding_init=logical_init(nn.initializers.normal(0.02), ('vocab', 'embed')))
+    block = maybe_remat(LlamaBlock, self.remat_policy)
+    self.layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                          metadata_params={nn.PARTITION_NAME: 'layers'})(c, self.dtype, self.param_dtype)
+    self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = dense(c.vocab_size, ('embed', 'vocab'), name='lm_head', dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+
+  def embed(self, input_ids: Array) -> Array:
+    """input_ids [batch, seq] -> [batch, seq, d_model] in compute dtype."""
+    return self.embed_tokens(input_ids)
+
+  def __call__(self, inputs_embeds: Array, attention_mask: Optional[Array] = None,
+               cache: Optional[Cache] = None):
+    """inputs_embeds [batch, seq, d_model]; attention_mask [batch, seq] (1 = token, 0 = padding).
+
+    Returns logits [batch, seq, vocab], and the updated cache when one is given.
+    """
+    b, s, _ = inputs_embeds.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, s), jnp.int32)
+    valid = attention_mask.astype(bool)
+    steps = jnp.cumsum(valid.astype(jnp.int32), axis=1)
+    layer_cache, index = None, None
+    if cache is None:
+      positions = jnp.maximum(steps - 1, 0)
+      causal = jnp.tril(jnp.ones((s, s), bool))
+      mask = causal[None, None] & valid[:, None, None, :]
+    else:
+      index = cache['index']
+      positions = jnp.maximum(cache['next_pos'][:, None] + steps - 1, 0)
+      kv_mask = jax.lax.dynamic_update_slice_in_dim(cache['mask'], valid, index, 1)  # [b, T]
+      slots = jnp.arange(kv_mask.shape[1])
+      causal = slots[None, :] <= (index + jnp.arange(s))[:, None]  # [s, T]
+      mask = causal[None, None] & kv_mask[:, None, None, :]
+      layer_cache = {'k': cache['k'], 'v': cache['v']}
+    x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype),
+                                   ('activation_batch', 'activation_length', 'activation_embed'))
+    x, new_layer_cache = self.layers(x, layer_cache, positions, mask, index)
+    x = self.norm(x)
+    if self.config.tie_word_embeddings:
+      logits = self.embed_tokens.attend(x)
+    else:
+      logits = self.lm_head(x)
+    logits = nn.with_logical_constraint(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
+    if cache is None:
+      return logits
+    new_cache = {'k': new_layer_cache['k'], 'v': new_layer_cache['v'], 'mask': kv_mask, 'index': index + s,
+                 'next_pos': cache['next_pos'] + steps[:, -1]}
+    return logits, new_cache

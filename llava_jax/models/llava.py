@@ -1,0 +1,94 @@
+"""LLaVA: CLIP vision tower -> projector W -> LLaMA decoder, with image features spliced at image-token positions."""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.models import llama
+from llava_jax.models.clip import CLIPVisionTower
+from llava_jax.models.config import LlavaConfig
+from llava_jax.models.layers import dtype_of
+from llava_jax.models.llama import LlamaForCausalLM
+from llava_jax.models.projector import Projector
+
+Array = jax.Array
+
+
+def check_image_tokens(input_ids, config: LlavaConfig, has_pixels: bool = True) -> np.ndarray:
+  """Host-side check that every sample has 0 or exactly N image tokens. Returns the per-sample counts."""
+  counts = (np.asarray(input_ids) == config.image_token_id).sum(axis=-1)
+  n = config.num_image_tokens
+  bad = np.nonzero((counts != 0) & (counts != n))[0]
+  if bad.size:
+    raise ValueError(f'samples {bad.tolist()} have {counts[bad].tolist()} image tokens (id {config.image_token_id});'
+                     f' each sample needs 0 or exactly {n} (= num_image_tokens)')
+  if not has_pixels and counts.any():
+    raise ValueError(f'samples {np.nonzero(counts)[0].tolist()} have image tokens but pixel_values is None')
+  return counts
+
+
+class Llava(nn.Module):
+  """Called like transformers' LlavaForConditionalGeneration.
+
+  input_ids [batch, seq] with each image as N copies of `image_token_id`; pixel_values [batch, H, W, 3] (image i
+  belongs to sample i; ignored by samples without image tokens) or None for a text-only batch;
+  attention_mask [batch, seq]. Returns logits [batch, seq, vocab] (and the new cache when `cache` is given).
+  """
+  config: LlavaConfig
+
+  def setup(self):
+    c = self.config
+    dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
+    self.vision_tower = CLIPVisionTower(c.vision, dt, pdt, c.remat_policy)
+    self.projector = Projector(c.projector, c.text.hidden_size, dt, pdt)
+    self.language_model = LlamaForCausalLM(c.text, dt, pdt, c.remat_policy)
+
+  def encode_images(self, pixel_values: Array) -> Array:
+    """pixel_values [batch, H, W, 3] -> image_features [batch, N, d_model]."""
+    return self.projector(self.vision_tower(pixel_values))
+
+  def __call__(self, input_ids: Array, pixel_values: Optional[Array] = None,
+               attention_mask: Optional[Array] = None, cache: Optional[llama.Cache] = None):
+    c = self.config
+    if not isinstance(input_ids, jax.core.Tracer):
+      check_image_tokens(input_ids, c, pixel_values is not None)
+    is_image = input_ids == c.image_token_id
+    embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
+    if pixel_values is not None:
+      features = self.encode_images(pixel_values).astype(embeds.dtype)  # [b, N, d]
+      # k-th image token of a sample takes the k-th feature of that sample's image.
+      idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+      gathered = jnp.take_along_axis(features, idx[..., None], axis=1)
+      embeds = jnp.where(is_image[..., None], gathered, embeds)
+    return self.language_model(embeds, attention_mask, cache)
+
+
+def init_cache(config: LlavaConfig, batch: int, max_len: int, dtype=None) -> llama.Cache:
+  return llama.init_cache(config.text, batch, max_len, dtype_of(config.dtype) if dtype is None else dtype)
+
+
+def _dummy_inputs(config: LlavaConfig, batch: int = 1):
+  v = config.vision
+  return (jnp.zeros((batch, 4), jnp.int32), jnp.zeros((batch, v.image_size, v.image_size, 3), jnp.float32))
+
+
+def init_params(config: LlavaConfig, rng: Array, boxed: bool = False):
+  """Random params as a plain pytree {'vision_tower', 'projector', 'language_model'} (boxed=True keeps axis names)."""
+  ids, pix = _dummy_inputs(config)
+  params = Llava(config).init(rng, ids, pix)['params']
+  return params if boxed else nn.meta.unbox(params)
+
+
+def abstract_params(config: LlavaConfig):
+  """ShapeDtypeStructs of the params, without allocating them."""
+  return nn.meta.unbox(jax.eval_shape(lambda r: init_params(config, r, boxed=True), jax.random.key(0)))
+
+
+def param_logical_axes(config: LlavaConfig):
+  """Pytree (same structure as params) of PartitionSpecs over logical axis names."""
+  boxed = jax.eval_shape(lambda r: init_params(config, r, boxed=True), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
