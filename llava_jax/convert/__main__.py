@@ -1,0 +1,125 @@
+"""python -m llava_jax.convert {import-hf,export-hf} SRC OUT
+
+import-hf: an HF LLaVA dir (transformers 4.x or 5.x layout) or an original-release LLaVA (with --vision-tower /
+           --mm-projector) -> our exported-model dir (model_config.json + orbax params/ + tokenizer/).
+export-hf: our exported-model dir -> an HF LlavaForConditionalGeneration dir (hub layout, safetensors).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+_T0 = time.time()
+
+
+def log(msg: str) -> None:
+  print(f'[{time.time() - _T0:7.1f}s] {msg}', file=sys.stderr, flush=True)
+
+
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json')
+
+
+def find_tokenizer(path: str):
+  """The HF tokenizer stored in `path`, or None when the directory has none."""
+  if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    return None
+  import transformers
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _image_token_of(tokenizer, config, original: bool):
+  """Make sure the tokenizer's <image> is the model's image token (adding it for an original release)."""
+  from llava_jax.data.tokenize import IMAGE_TOKEN, add_image_token
+  if original:
+    got = add_image_token(tokenizer)
+  elif IMAGE_TOKEN in tokenizer.get_added_vocab():
+    got = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+  else:
+    log(f'warning: the tokenizer has no {IMAGE_TOKEN!r} token; the model uses id {config.image_token_id}')
+    return
+  if got != config.image_token_id:
+    raise SystemExit(f'error: the tokenizer\'s {IMAGE_TOKEN!r} is id {got} but the model\'s image token is '
+                     f'{config.image_token_id}; pass --image-token-id {got}')
+
+
+def import_hf(args) -> None:
+  from llava_jax.checkpoint import save_model
+  from llava_jax.convert.hf_config import original_projector, read_json
+  from llava_jax.convert.hf_to_flax import load_hf_llava
+  log(f'reading {args.src}')
+  model, params = load_hf_llava(args.src, dtype=args.dtype, vision_tower=args.vision_tower,
+                                mm_projector=args.mm_projector, image_token_id=args.image_token_id, log=log)
+  config = model.config
+  raw = read_json(args.src)
+  original = bool(args.vision_tower or args.mm_projector or
+                  ('text_config' not in raw and original_projector(raw) is not None))
+  tokenizer = None if args.no_tokenizer else find_tokenizer(args.tokenizer or args.src)
+  if tokenizer is not None:
+    _image_token_of(tokenizer, config, original)
+    if len(tokenizer) > config.text.vocab_size:
+      raise SystemExit(f'error: the tokenizer has {len(tokenizer)} tokens but the model vocab is '
+                       f'{config.text.vocab_size}')
+  else:
+    log('no tokenizer found beside the weights (pass --tokenizer DIR to store one)')
+  n = sum(x.size for x in _leaves(params))
+  log(f'writing {n / 1e6:.1f}M params ({config.param_dtype}) to {args.out}')
+  # Orbax deep-copies numpy leaves before its async write by default: a second host copy of a 7B model. Nothing
+  # else touches these arrays while it writes, so save them in place.
+  import numpy as np
+  import orbax.checkpoint as ocp
+  ocp.type_handlers.register_type_handler(np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False),
+                                          override=True)
+  save_model(args.out, config, params, tokenizer=tokenizer, template=args.template)
+  log(f'done: {args.out}')
+
+
+def _leaves(tree):
+  for v in tree.values():
+    yield from (_leaves(v) if isinstance(v, dict) else [v])
+
+
+def export_hf(args) -> None:
+  from llava_jax.checkpoint import load_model
+  from llava_jax.convert.flax_to_hf import export_hf_llava
+  log(f'reading {args.src}')
+  config, params, tokenizer, _ = load_model(args.src)
+  if args.tokenizer:
+    tokenizer = find_tokenizer(args.tokenizer)
+    if tokenizer is None:
+      raise SystemExit(f'error: --tokenizer {args.tokenizer} holds no tokenizer files ({", ".join(TOKENIZER_FILES)})')
+  export_hf_llava(args.out, config, params, tokenizer=tokenizer, dtype=args.dtype,
+                  max_shard_bytes=int(args.max_shard_gb * 2**30), log=log)
+  log(f'done: {args.out}')
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m llava_jax.convert', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command', required=True)
+  imp = sub.add_parser('import-hf', help='HF / original-release LLaVA -> exported-model dir')
+  imp.add_argument('src', help='HF LLaVA dir, or the LLaMA dir of an original-release LLaVA')
+  imp.add_argument('out', help='output exported-model dir')
+  imp.add_argument('--vision-tower', help='CLIP checkpoint dir (original release; default: mm_vision_tower)')
+  imp.add_argument('--mm-projector', help='mm_projector.bin / .safetensors (original release, stage-1 output)')
+  imp.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), help='param dtype (default: the '
+                   "checkpoint's)")
+  imp.add_argument('--image-token-id', type=int, help="image token id (original release; default: old vocab size)")
+  imp.add_argument('--tokenizer', help='tokenizer dir (default: SRC)')
+  imp.add_argument('--no-tokenizer', action='store_true', help='do not store a tokenizer')
+  imp.add_argument('--template', help='conversation template name stored with the model (e.g. llava_v1)')
+  imp.set_defaults(fn=import_hf)
+  exp = sub.add_parser('export-hf', help='exported-model dir -> HF LlavaForConditionalGeneration dir')
+  exp.add_argument('src', help='exported-model dir (model_config.json + params/)')
+  exp.add_argument('out', help='output HF dir')
+  exp.add_argument('--tokenizer', help='tokenizer dir to write beside the weights (default: SRC/tokenizer)')
+  exp.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), help='dtype of the written weights')
+  exp.add_argument('--max-shard-gb', type=float, default=5.0, help='safetensors shard size (GiB)')
+  exp.set_defaults(fn=export_hf)
+  args = parser.parse_args(argv)
+  args.fn(args)
+
+
+if __name__ == '__main__':
+  main()
