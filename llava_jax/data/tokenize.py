@@ -1,0 +1,155 @@
+"""Conversation -> input_ids and labels with exact supervision masks for any HF tokenizer (LLAVA.md §3).
+
+The original counts tokens of split strings with tokenizer-specific offsets and silently zeroes a
+sample when the counts disagree. Here the template renders (text, supervised) pieces, the whole text
+is tokenized once, and a token is supervised iff its character span (offset mapping) overlaps a
+supervised piece. Zero-width tokens (a prepended `▁`, trimmed whitespace) go with the next token.
+Tokenizers without offset mappings (Python/SentencePiece backends) tokenize piece by piece instead,
+which is exact by construction. Either way no tokenizer can produce a mismatch.
+
+`<image>` is one special token in the text; after tokenization it is expanded to the model's
+`num_image_tokens` copies of its id (the HF convention), never supervised.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from tokenizers import AddedToken
+
+from llava_jax.data.conversation import IMAGE_TOKEN, Template, normalize_turns, render_pieces
+
+IGNORE_INDEX = -100
+
+
+def add_image_token(tokenizer, token: str = IMAGE_TOKEN) -> int:
+  """Adds `token` as a special token if the tokenizer lacks it (as the llava-hf conversion does).
+
+  Returns its id. The tokenizer grows by one entry when added: size the model's embedding to
+  `len(tokenizer)` or more.
+  """
+  if token not in tokenizer.get_added_vocab():
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+  return tokenizer.convert_tokens_to_ids(token)
+
+
+def image_token_id(tokenizer, token: str = IMAGE_TOKEN) -> int:
+  if token not in tokenizer.get_added_vocab():
+    raise ValueError(f'tokenizer has no special {token!r} token; call '
+                     f'llava_jax.data.tokenize.add_image_token(tokenizer) first')
+  return tokenizer.convert_tokens_to_ids(token)
+
+
+def _special_strings(tokenizer) -> tuple[str, str]:
+  return tokenizer.bos_token or '<s>', tokenizer.eos_token or '</s>'
+
+
+def _supervised_by_offsets(offsets, char_mask: np.ndarray) -> np.ndarray:
+  """Token supervised iff its [start, end) overlaps a supervised character. Zero-width tokens (a
+  prepended `▁`, trimmed whitespace) take the decision of the next token with a width, or of the
+  previous one at the very end."""
+  if not len(offsets):
+    return np.zeros(0, bool)
+  starts, ends = np.asarray(offsets, np.int64).T
+  prefix = np.concatenate([[0], np.cumsum(char_mask)])
+  wide = ends > starts
+  sup = wide & (prefix[ends] > prefix[starts])
+  wide_idx = np.flatnonzero(wide)
+  if not len(wide_idx):
+    return sup
+  nearest = np.minimum(np.searchsorted(wide_idx, np.arange(len(offsets))), len(wide_idx) - 1)
+  return sup[wide_idx[nearest]]
+
+
+def encode_pieces(pieces: Sequence[tuple[str, bool]], tokenizer) -> tuple[list[int], np.ndarray]:
+  """[(text, supervised)] -> (token ids, supervised flags), without special tokens added."""
+  text = ''.join(p for p, _ in pieces)
+  if getattr(tokenizer, 'is_fast', False):
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if 'offset_mapping' in enc:
+      char_mask = np.concatenate([np.full(len(p), s, bool) for p, s in pieces]) if pieces else np.zeros(0, bool)
+      return list(enc['input_ids']), _supervised_by_offsets(enc['offset_mapping'], char_mask)
+  ids, sup = [], []
+  for piece, supervised in pieces:  # no offsets: exact by construction
+    piece_ids = tokenizer(piece, add_special_tokens=False)['input_ids']
+    ids += piece_ids
+    sup += [supervised] * len(piece_ids)
+  return ids, np.asarray(sup, bool)
+
+
+def _expand_images(ids: list[int], sup: np.ndarray, image_id: int, has_image: bool,
+                   num_image_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """Replaces the one `<image>` id by `num_image_tokens` copies. Returns (ids, sup, image_end)."""
+  positions = [i for i, t in enumerate(ids) if t == image_id]
+  if len(positions) != int(has_image):
+    raise ValueError(f'expected {int(has_image)} {IMAGE_TOKEN} token(s) after tokenization, found '
+                     f'{len(positions)}: is {IMAGE_TOKEN} a special token of this tokenizer?')
+  ids = np.asarray(ids, np.int32)
+  if not has_image:
+    return ids, sup, 0
+  if num_image_tokens < 1:
+    raise ValueError(f'num_image_tokens must be >= 1 for an image sample, got {num_image_tokens}')
+  p = positions[0]
+  ids = np.concatenate([ids[:p], np.full(num_image_tokens, image_id, np.int32), ids[p + 1:]])
+  sup = np.concatenate([sup[:p], np.zeros(num_image_tokens, bool), sup[p + 1:]])
+  return ids, sup, p + num_image_tokens
+
+
+def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Union[str, Template],
+                          num_image_tokens: int, max_length: Optional[int] = None, *,
+                          add_bos: bool = True) -> dict:
+  """LLaVA JSON turns -> dict(input_ids int32[n], labels int32[n], truncated, dropped, drop_reason,
+  has_image).
+
+  labels == input_ids where supervised, IGNORE_INDEX (-100) elsewhere; unshifted (the loss shifts).
+  BOS is prepended when the tokenizer has one. Longer than `max_length`: cut at the end; a cut through
+  the image tokens or one that leaves nothing supervised drops the sample (`dropped`, with empty
+  arrays). Raises ValueError on malformed turns.
+  """
+  turns, has_image = normalize_turns(conversations)
+  bos, eos = _special_strings(tokenizer)
+  ids, sup = encode_pieces(render_pieces(turns, template, bos=bos, eos=eos), tokenizer)
+  image_id = image_token_id(tokenizer) if has_image else -1
+  ids, sup, image_end = _expand_images(ids, sup, image_id, has_image, num_image_tokens)
+  if add_bos and tokenizer.bos_token_id is not None:
+    ids = np.concatenate([np.asarray([tokenizer.bos_token_id], np.int32), ids])
+    sup = np.concatenate([[False], sup])
+    image_end += int(has_image)
+  truncated, reason = False, ''
+  if max_length is not None and len(ids) > max_length:
+    truncated = True
+    if image_end > max_length:
+      reason = 'image_cut'
+    ids, sup = ids[:max_length], sup[:max_length]
+  if not reason and not sup.any():
+    reason = 'no_supervised_tokens'
+  if reason:
+    ids, sup = np.zeros(0, np.int32), np.zeros(0, bool)
+  labels = np.where(sup, ids, IGNORE_INDEX).astype(np.int32)
+  return dict(input_ids=ids, labels=labels, truncated=truncated, dropped=bool(reason),
+              drop_reason=reason, has_image=has_image)
+
+
+def build_prompt(messages: Sequence[dict], template: Union[str, Template], *, bos: str = '<s>',
+                 eos: str = '</s>') -> str:
+  """The generation prompt: `messages` (LLaVA JSON turns ending with a user turn) rendered up to and
+  including the final assistant role marker (`ASSISTANT:`, `###Assistant:`, `[/INST]`, or `<image>`
+  for `plain`)."""
+  turns, _ = normalize_turns(messages)
+  pieces = render_pieces(turns, template, add_generation_prompt=True, bos=bos, eos=eos)
+  return ''.join(p for p, _ in pieces)
+
+
+def tokenize_prompt(messages: Sequence[dict], tokenizer, template: Union[str, Template],
+                    num_image_tokens: int, *, add_bos: bool = True) -> np.ndarray:
+  """Token ids int32[n] of `build_prompt(messages, ...)` with the image expanded: exactly the tokens
+  that precede the answer in `tokenize_conversation` of the same turns plus that answer."""
+  turns, has_image = normalize_turns(messages)
+  bos, eos = _special_strings(tokenizer)
+  pieces = render_pieces(turns, template, add_generation_prompt=True, bos=bos, eos=eos)
+  ids, sup = encode_pieces(pieces, tokenizer)
+  image_id = image_token_id(tokenizer) if has_image else -1
+  ids, _, _ = _expand_images(ids, sup, image_id, has_image, num_image_tokens)
+  if add_bos and tokenizer.bos_token_id is not None:
+    ids = np.concatenate([np.asarray([tokenizer.bos_token_id], np.int32), ids])
+  return ids
