@@ -23,13 +23,17 @@ def is_model_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, 'params'))
 
 
-def save_model(path: str, config: LlavaConfig, params, tokenizer=None, template: Optional[str] = None) -> None:
-  """Write params (any sharding; gathered by orbax) with their config, and the tokenizer if given."""
+def save_model(path: str, config: LlavaConfig, params, tokenizer=None, template: Optional[str] = None,
+               image_aspect: Optional[str] = None) -> None:
+  """Write params (any sharding; gathered by orbax) with their config, and the tokenizer if given.
+
+  `template` and `image_aspect` ('square' | 'pad') record how the model was trained, for chat and evals.
+  """
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(path, CONFIG_FILE), 'w') as f:
-      json.dump({'model': config.to_dict(), 'template': template}, f, indent=2)
+      json.dump({'model': config.to_dict(), 'template': template, 'image_aspect': image_aspect}, f, indent=2)
     if tokenizer is not None:
       tokenizer.save_pretrained(os.path.join(path, 'tokenizer'))
   with ocp.StandardCheckpointer() as ckptr:
