@@ -4,6 +4,8 @@ Every weight carries logical axis names; `llava_jax/sharding.py` maps them to th
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -41,8 +43,15 @@ class Dense(nn.Module):
     in_shape = tuple(x.shape[a] for a in axis)
     kernel = self.param('kernel', logical_init(nn.initializers.normal(0.02), self.axes),
                         in_shape + tuple(self.features), self.param_dtype)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((axis, tuple(range(len(axis)))), ((), ())))
+    x, k = x.astype(self.dtype), kernel.astype(self.dtype)
+    if axis == tuple(range(x.ndim - len(axis), x.ndim)):
+      # Contracting trailing dims: one 2-D matmul [tokens, in] x [in, out]. With several leading dims, XLA:CPU
+      # computes the weight gradient from a transposed copy of the output gradient.
+      lead = x.shape[:x.ndim - len(axis)]
+      y = jnp.dot(x.reshape(math.prod(lead), -1), k.reshape(math.prod(in_shape), -1))
+      y = y.reshape(*lead, *self.features)
+    else:
+      y = jax.lax.dot_general(x, k, ((axis, tuple(range(len(axis)))), ((), ())))
     if self.use_bias:
       bias_axes = self.bias_axes if self.bias_axes is not None else self.axes[len(axis):]
       bias = self.param('bias', logical_init(nn.initializers.zeros_init(), bias_axes), tuple(self.features),
@@ -69,9 +78,40 @@ class RMSNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     scale = self.param('scale', logical_init(nn.initializers.ones_init(), ('norm',)), (x.shape[-1],),
                        self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return y.astype(self.dtype) * scale.astype(self.dtype)
+    return rms_norm(x, scale.astype(self.dtype), self.eps, jnp.dtype(self.dtype))
+
+
+def _rms_normalize(x: Array, eps: float) -> tuple[Array, Array]:
+  """fp32 (x * r, r) with r = rsqrt(mean(x^2) + eps) over the last dim."""
+  x32 = x.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return x32 * r, r
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
+  """x [..., d], scale [d] in `dtype` -> normalize(x) in fp32, cast to `dtype`, times scale.
+
+  A custom VJP so that the backward keeps only x (autodiff also keeps the fp32 normalized x and its cast).
+  """
+  return _rms_normalize(x, eps)[0].astype(dtype) * scale
+
+
+def _rms_norm_fwd(x, scale, eps, dtype):
+  return rms_norm(x, scale, eps, dtype), (x, scale)
+
+
+def _rms_norm_bwd(eps, dtype, res, dy):
+  x, scale = res
+  n, r = _rms_normalize(x, eps)
+  dy32 = dy.astype(jnp.float32)
+  g = dy32 * scale.astype(jnp.float32)
+  dx = r * (g - n * jnp.mean(g * n, axis=-1, keepdims=True))
+  dscale = jnp.sum((dy32 * n).reshape(-1, n.shape[-1]), axis=0)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 class LayerNorm(nn.Module):
@@ -112,9 +152,106 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array], *, is_causal:
   """Softmax attention with fp32 logits/softmax; grouped-query when k/v have fewer heads.
 
   q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
-  mask: bool broadcastable to [batch, heads, q_len, kv_len] (True = attend).
+  mask: bool broadcastable to [batch, heads, q_len, kv_len] (True = attend). Returns [batch, q_len, heads, head_dim].
+  On GPU with bf16/fp16 inputs this is cuDNN flash attention when cuDNN takes the shapes; elsewhere the XLA
+  formulation below.
   """
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+  if is_causal:
+    causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+    mask = causal if mask is None else mask & causal
+  if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+      pass  # a shape, dtype or cuDNN version cuDNN does not take: fall through
+  b, t, n, hd = q.shape
+  kv = k.shape[2]
+  # Heads first, and the query heads of a kv group as extra rows: [b, kv, groups * q_len, head_dim], so the score
+  # and value products are plain batched matmuls over (batch, kv head), with no broadcast of k or v.
+  qh = jnp.swapaxes(q, 1, 2).reshape(b, kv, n // kv * t, hd)
+  o = _softmax_attention(qh, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+                         None if mask is None else _grouped_mask(mask, kv, n // kv))
+  return jnp.swapaxes(o.reshape(b, n, t, hd), 1, 2)
+
+
+def _grouped_mask(mask: Array, kv: int, groups: int) -> Array:
+  """[b|1, 1|heads, q_len, kv_len] -> [b|1, 1|kv, 1|groups, q_len, kv_len] (heads = kv * groups)."""
+  mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  if mask.shape[1] == 1:
+    return mask[:, :, None]
+  return mask.reshape(mask.shape[0], kv, groups, *mask.shape[2:])
+
+
+def _masked(x: Array, mask: Optional[Array], fill) -> Array:
+  """where(mask, x, fill) for x [b, kv, groups * q_len, kv_len] and a grouped mask (see _grouped_mask)."""
+  if mask is None:
+    return x
+  b, kv, rows, s = x.shape
+  x = x.reshape(b, kv, -1, mask.shape[-2], s)
+  return jnp.where(mask, x, fill).reshape(b, kv, rows, s)
+
+
+def _attention_probs(q: Array, k: Array, mask: Optional[Array]) -> Array:
+  """softmax(q k^T / sqrt(head_dim)) in fp32: [b, kv, rows, kv_len]."""
+  scores = jnp.einsum('bkqh,bksh->bkqs', q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+  scores = _masked(scores, mask, jnp.finfo(jnp.float32).min)
+  scores = scores - jnp.max(scores, axis=-1, keepdims=True)
+  e = jnp.exp(scores)
+  return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+@jax.custom_vjp
+def _softmax_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+  """q [b, kv, rows, hd], k/v [b, kv, kv_len, hd] -> [b, kv, rows, hd].
+
+  A custom VJP so that the backward keeps only q, k, v and the fp32 probabilities (autodiff of the softmax and
+  the mask select keeps several [b, heads, q_len, kv_len] buffers per layer) and uses the softmax gradient
+  p * (dp - rowsum(p * dp)) in one elementwise pass.
+  """
+  return jnp.einsum('bkqs,bksh->bkqh', _attention_probs(q, k, mask).astype(v.dtype), v)
+
+
+def _softmax_attention_fwd(q, k, v, mask):
+  p = _attention_probs(q, k, mask)
+  return jnp.einsum('bkqs,bksh->bkqh', p.astype(v.dtype), v), (q, k, v, p, mask)
+
+
+def _softmax_attention_bwd(res, do):
+  q, k, v, p, mask = res
+  # dv and dk contract over the query rows; computing their transposes keeps both matmul operands row-major
+  # (the direct form makes XLA:CPU transpose p, the largest operand).
+  dv = jnp.swapaxes(jnp.einsum('bkqh,bkqs->bkhs', do, p.astype(do.dtype)), -1, -2)
+  dp = jnp.einsum('bkqh,bksh->bkqs', do, v, preferred_element_type=jnp.float32)
+  ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
+  # A fully masked row has uniform p but no gradient into the masked scores.
+  ds = (_masked(ds, mask, 0.0) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+  dq = jnp.einsum('bkqs,bksh->bkqh', ds, k)
+  dk = jnp.swapaxes(jnp.einsum('bkqh,bkqs->bkhs', q, ds), -1, -2)
+  return dq, dk, dv, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+  """silu(gate) * up. The backward keeps only gate and up (autodiff keeps sigmoid(gate), silu(gate) as well)."""
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, dy):
+  gate, up = res
+  g, u, dy32 = gate.astype(jnp.float32), up.astype(jnp.float32), dy.astype(jnp.float32)
+  sig = jax.nn.sigmoid(g)
+  dgate = dy32 * u * sig * (1.0 + g * (1.0 - sig))
+  return dgate.astype(gate.dtype), (dy32 * g * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 REMAT_POLICIES = {

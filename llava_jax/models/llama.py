@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.models.config import LlamaConfig
-from llava_jax.models.layers import RMSNorm, attention, dense, logical_init, maybe_remat, rope
+from llava_jax.models.layers import RMSNorm, attention, dense, logical_init, maybe_remat, rope, swiglu
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -54,7 +54,7 @@ class LlamaBlock(nn.Module):
     h = RMSNorm(c.rms_norm_eps, dt, pdt, name='post_attention_layernorm')(x)
     gate = dense(c.intermediate_size, ('embed', 'mlp'), name='gate_proj', dtype=dt, param_dtype=pdt)(h)
     up = dense(c.intermediate_size, ('embed', 'mlp'), name='up_proj', dtype=dt, param_dtype=pdt)(h)
-    h = nn.with_logical_constraint(nn.silu(gate) * up, ('activation_batch', 'activation_length', 'activation_mlp'))
+    h = nn.with_logical_constraint(swiglu(gate, up), ('activation_batch', 'activation_length', 'activation_mlp'))
     h = dense(c.hidden_size, ('mlp', 'embed'), name='down_proj', dtype=dt, param_dtype=pdt)(h)
     x = x + h
     x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))

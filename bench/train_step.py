@@ -1,0 +1,313 @@
+"""Train-step speed: our AOT-compiled step (llava_jax.train.setup) vs transformers' LlavaForConditionalGeneration
+(PyTorch, CPU) on the same config, weights, batch, sequence length, dtype, frozen parts and optimizer.
+
+    python bench/train_step.py                              # reference size (below), fp32, stage 2
+    python bench/train_step.py --text-layers 8 --seq 512 --stage 1 --dtype bfloat16
+    python bench/train_step.py --no-torch --profile /tmp/prof  # ours only, plus a per-op time table
+
+Reference size: CLIP ViT 4 layers x 256 (MLP 1024, 4 heads) at 112 px with 14 px patches (64 image tokens),
+LLaMA 4 layers x 512 (MLP 1376, 8 heads), vocab 8192, sequence 256, batch 8, fp32, stage 2 (projector + LLM train,
+vision tower frozen), AdamW (no weight decay) with global-norm clipping 1.0.
+
+Both sides get the same random weights (ours exported with `export_hf_llava`, loaded by `from_pretrained`) and
+the same batch (one image of 64 tokens per sample after BOS, the rest text, prompt unsupervised); their first
+losses are printed as a check that they compute the same thing. Timing: --repeats rounds, each timing --steps
+steps of ours then of torch (alternating which goes first); the table gives the median round (and the best one).
+tokens/s = batch * seq / step time. MFU = model FLOPs of the step (`train.flops.step_flops`: 6N/token where a
+module trains, 4N where only the gradient passes, 2N forward only, plus attention) / step time / the MEASURED fp32
+matmul peak of this machine (best of a large `jnp.dot`). Peak memory: RSS growth while each side builds and runs
+its first steps (ours before torch exists), and XLA's memory analysis of the compiled step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+from configs import common  # noqa: E402
+from llava_jax import sharding  # noqa: E402
+from llava_jax.models.config import LlamaConfig, LlavaConfig, VisionConfig  # noqa: E402
+from llava_jax.models.llava import abstract_params, init_params  # noqa: E402
+from llava_jax.train import flops, setup as setup_lib  # noqa: E402
+from llava_jax.train.step import IGNORE_INDEX  # noqa: E402
+
+STAGES = {1: common.STAGE1_TRAINABLE, 2: common.STAGE2_TRAINABLE}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  g = p.add_argument_group('model (defaults: the reference size)')
+  g.add_argument('--vision-layers', type=int, default=4)
+  g.add_argument('--vision-width', type=int, default=256)
+  g.add_argument('--vision-mlp', type=int, default=1024)
+  g.add_argument('--vision-heads', type=int, default=4)
+  g.add_argument('--image-size', type=int, default=112)
+  g.add_argument('--patch-size', type=int, default=14)
+  g.add_argument('--text-layers', type=int, default=4)
+  g.add_argument('--text-width', type=int, default=512)
+  g.add_argument('--text-mlp', type=int, default=1376)
+  g.add_argument('--text-heads', type=int, default=8)
+  g.add_argument('--kv-heads', type=int, default=None, help='default: --text-heads (no grouped-query attention)')
+  g.add_argument('--vocab', type=int, default=8192)
+  g.add_argument('--projector', default='mlp2x_gelu', choices=('linear', 'mlp2x_gelu'))
+  g = p.add_argument_group('step')
+  g.add_argument('--batch', type=int, default=8)
+  g.add_argument('--seq', type=int, default=256)
+  g.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='compute dtype (torch: autocast to it); trainable params stay fp32')
+  g.add_argument('--stage', type=int, default=2, choices=(1, 2), help='1: projector trains; 2: projector + LLM')
+  g.add_argument('--remat', default='none', choices=('none', 'full', 'dots', 'dots_no_batch'),
+                 help='our remat policy (torch runs without gradient checkpointing)')
+  g = p.add_argument_group('measurement')
+  g.add_argument('--steps', type=int, default=3, help='timed steps per round and side')
+  g.add_argument('--repeats', type=int, default=5, help='rounds; the table reports the median round')
+  g.add_argument('--warmup', type=int, default=2, help='untimed steps per side before the rounds')
+  g.add_argument('--no-torch', action='store_true', help='time ours only')
+  g.add_argument('--peak-size', type=int, default=2048, help='n of the n x n fp32 jnp.dot giving the peak')
+  g.add_argument('--profile', metavar='DIR', default=None,
+                 help='after timing, trace 2 of our steps with jax.profiler into DIR and print the ops by time')
+  g.add_argument('--seed', type=int, default=0)
+  return p.parse_args(argv)
+
+
+def model_config(a) -> LlavaConfig:
+  vision = VisionConfig(hidden_size=a.vision_width, intermediate_size=a.vision_mlp, num_layers=a.vision_layers,
+                        num_heads=a.vision_heads, patch_size=a.patch_size, image_size=a.image_size)
+  text = LlamaConfig(vocab_size=a.vocab, hidden_size=a.text_width, intermediate_size=a.text_mlp,
+                     num_layers=a.text_layers, num_heads=a.text_heads, num_kv_heads=a.kv_heads or a.text_heads,
+                     max_position_embeddings=max(2048, a.seq))
+  return LlavaConfig(vision=vision, text=text, projector=a.projector, image_token_id=a.vocab - 1, dtype=a.dtype,
+                     param_dtype='float32', remat_policy=a.remat)
+
+
+def make_batch(config: LlavaConfig, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+  """[BOS, 64 image tokens, prompt ..., answer ...]: labels supervise the second half of the text."""
+  n_img = config.num_image_tokens
+  if seq < n_img + 4:
+    raise ValueError(f'--seq {seq} leaves no room for text after {n_img} image tokens')
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(2, config.image_token_id, (batch, seq), dtype=np.int32)
+  ids[:, 0] = 1
+  ids[:, 1:1 + n_img] = config.image_token_id
+  labels = ids.copy()
+  labels[:, :1 + n_img + (seq - 1 - n_img) // 2] = IGNORE_INDEX
+  size = config.vision.image_size
+  pixels = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
+  return {'input_ids': ids, 'labels': labels, 'attention_mask': np.ones_like(ids), 'pixel_values': pixels}
+
+
+class PeakRSS:
+  """Peak RSS of this process while `track()` is open, sampled every 2 ms on a thread (off while timing steps)."""
+
+  def __init__(self):
+    self._proc = psutil.Process()
+
+  def now(self) -> int:
+    return self._proc.memory_info().rss
+
+  @contextlib.contextmanager
+  def track(self):
+    """Yields a dict whose 'growth' = peak RSS inside the block - RSS at its start."""
+    out, done = {'growth': 0}, threading.Event()
+    base = peak = self.now()
+
+    def sample():
+      nonlocal peak
+      while not done.wait(0.002):
+        peak = max(peak, self.now())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+      yield out
+    finally:
+      done.set()
+      thread.join()
+      out['growth'] = max(peak, self.now()) - base
+
+
+def mib(n: float) -> str:
+  return f'{n / 2**20:,.0f} MiB'
+
+
+# ------------------------------------------------------------------------------------------------------- ours
+
+
+def build_ours(config: LlavaConfig, a, params, batch_np):
+  optim = common.stage_config().optim
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  t = time.perf_counter()
+  setup = setup_lib.create(config, STAGES[a.stage], optim, total_steps=10**6, mesh=mesh, global_batch=a.batch,
+                           seq_len=a.seq)
+  compile_s = time.perf_counter() - t
+  state, frozen = setup_lib.init_state(setup, params, seed=a.seed)
+  batch = setup_lib.make_global_batch(setup, batch_np)
+  box = {'state': state}
+
+  def run(n: int) -> float:
+    """n steps; returns the last loss (blocks)."""
+    metrics = None
+    for _ in range(n):
+      box['state'], metrics = setup.step(box['state'], frozen, batch)
+    return float(metrics['loss'])
+
+  return setup, run, compile_s
+
+
+# ------------------------------------------------------------------------------------------------------ torch
+
+
+def build_torch(config: LlavaConfig, a, params, batch_np):
+  import torch
+  import transformers
+
+  from llava_jax.convert import export_hf_llava
+
+  with tempfile.TemporaryDirectory() as tmp:
+    export_hf_llava(tmp, config, params, dtype='float32')
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
+  model.train()
+  trainable = ('multi_modal_projector',) + (('language_model', 'lm_head') if a.stage == 2 else ())
+  for name, p in model.named_parameters():
+    p.requires_grad_(any(part in name for part in trainable))
+  optim = common.stage_config().optim
+  params_t = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params_t, lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps,
+                          weight_decay=optim.weight_decay)
+  batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch_np.items() if k != 'pixel_values'}
+  batch['pixel_values'] = torch.from_numpy(batch_np['pixel_values'].transpose(0, 3, 1, 2).copy())
+  autocast = a.dtype == 'bfloat16'
+
+  def run(n: int) -> float:
+    last = None
+    for _ in range(n):
+      with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch).loss
+      last = loss.detach()
+      loss.backward()
+      if optim.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params_t, optim.clip_norm)
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+    return float(last)
+
+  n_trainable = sum(p.numel() for p in params_t)
+  return run, n_trainable, torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+
+
+def profile_ours(run, out_dir: str, top: int = 30):
+  """Trace 2 steps and print XLA ops by summed wall time (from the Perfetto JSON the profiler writes)."""
+  import glob
+  import gzip
+  import json
+  run(1)
+  with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+    run(2)
+  files = sorted(glob.glob(os.path.join(out_dir, '**', '*.trace.json.gz'), recursive=True), key=os.path.getmtime)
+  if not files:
+    print(f'no perfetto trace found under {out_dir}')
+    return
+  with gzip.open(files[-1]) as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  totals: dict[str, list[float]] = {}
+  for e in events:
+    if e.get('ph') == 'X' and 'dur' in e:
+      r = totals.setdefault(e['name'], [0.0, 0])
+      r[0] += e['dur'] / 2e3  # us over 2 steps -> ms per step
+      r[1] += 1
+  print(f'\nper-op time (ms per step, summed over threads; trace: {files[-1]})')
+  for name, (ms, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+    print(f'{ms:10.2f} {count // 2:6d}x  {name[:110]}')
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+  a = parse_args(argv)
+  config = model_config(a)
+  rss = PeakRSS()
+  print(f'devices: {jax.devices()}  cpu cores: {os.cpu_count()}  load average: {os.getloadavg()}')
+  print(f'model: vision {a.vision_layers}x{a.vision_width} @{a.image_size}px/{a.patch_size} '
+        f'({config.num_image_tokens} image tokens), LLM {a.text_layers}x{a.text_width} mlp {a.text_mlp} '
+        f'heads {a.text_heads}/{config.text.num_kv_heads}, vocab {a.vocab}; batch {a.batch} x seq {a.seq}, '
+        f'{a.dtype}, stage {a.stage}, remat {a.remat}')
+
+  peak = flops.measure_matmul_peak('float32', n=a.peak_size, reps=5)
+  print(f'measured fp32 matmul peak ({a.peak_size}^2 jnp.dot, best of 5): {peak / 1e9:.1f} GFLOP/s')
+
+  params = jax.device_get(init_params(config, jax.random.key(a.seed)))
+  batch_np = make_batch(config, a.batch, a.seq, a.seed)
+  with rss.track() as ours_rss:
+    setup, ours, compile_s = build_ours(config, a, params, batch_np)
+    print(f'our step: lowered + compiled ahead of time in {compile_s:.1f} s')
+    print(setup.memory)
+    loss_ours = ours(1)
+    ours(a.warmup)
+  n_tokens = a.batch * a.seq
+  step_flops = flops.step_flops(config, setup.mask, abstract_params(config), a.batch, a.seq, images=a.batch)
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
+
+  torch_run, torch_rss = None, {'growth': 0}
+  if not a.no_torch:
+    with rss.track() as torch_rss:
+      torch_run, n_train_t, threads = build_torch(config, a, params, batch_np)
+      loss_torch = torch_run(1)
+      torch_run(a.warmup)
+    print(f'torch {__import__("torch").__version__}, {threads} threads; trainable params: ours {n_train:,}, '
+          f'torch {n_train_t:,}')
+    print(f'first-step loss (same weights, same batch): ours {loss_ours:.6f}, torch {loss_torch:.6f}')
+  else:
+    print(f'first-step loss: ours {loss_ours:.6f}')
+
+  times: dict[str, list[float]] = {'ours': [], 'torch': []}
+  for r in range(a.repeats):
+    order = [('ours', ours), ('torch', torch_run)]
+    order = order if r % 2 == 0 else order[::-1]
+    for name, fn in order:
+      if fn is None:
+        continue
+      t = time.perf_counter()
+      fn(a.steps)
+      times[name].append((time.perf_counter() - t) / a.steps)
+    line = '  '.join(f'{k} {statistics.median(v) * 1e3:.0f} ms' for k, v in times.items() if v)
+    print(f'round {r + 1}/{a.repeats}: {line} (median so far)', flush=True)
+
+  print(f'\nstep FLOPs (model): {step_flops / 1e9:.2f} GFLOP; tokens per step {n_tokens}; '
+        f'peak {peak / 1e9:.1f} GFLOP/s; load average now {os.getloadavg()[0]:.1f}')
+  header = f'{"":8} {"step ms":>9} {"(best)":>8} {"tokens/s":>9} {"(best)":>8} {"MFU":>6} {"peak RSS +":>11}'
+  print(header)
+  rows = [('ours', ours_rss)] + ([] if a.no_torch else [('torch', torch_rss)])
+  med = {}
+  for name, grow in rows:
+    ts = times[name]
+    med[name] = statistics.median(ts)
+    best = min(ts)
+    print(f'{name:8} {med[name] * 1e3:9.1f} {best * 1e3:8.1f} {n_tokens / med[name]:9.0f} {n_tokens / best:8.0f} '
+          f'{step_flops / med[name] / peak:6.1%} {mib(grow["growth"]):>11}')
+  if not a.no_torch:
+    print(f'ours / torch tokens/s (median): {med["torch"] / med["ours"]:.2f}x')
+
+  if a.profile:
+    profile_ours(ours, a.profile)
+
+
+if __name__ == '__main__':
+  main()

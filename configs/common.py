@@ -1,0 +1,89 @@
+"""Defaults shared by every training config: the one place they are written down.
+
+A stage config starts from `stage_config()` (locked: a misspelt key fails where it is set) and changes what its
+recipe needs. `llava_jax/config.py` validates the result against its schema at start-up.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from llava_jax.models import presets
+
+# Stage masks (LLAVA.md §6): first matching regex over '/'-joined param paths decides.
+STAGE1_TRAINABLE = (('projector/.*', True), ('.*', False))
+STAGE2_TRAINABLE = (('projector/.*', True), ('language_model/.*', True), ('.*', False))
+ALL_TRAINABLE = (('.*', True),)
+
+
+def parse_arg(arg, **defaults):
+  """'llava15_7b' or 'variant=llava15_7b,steps=10' -> dict over `defaults` (values keep the defaults' types)."""
+  out = dict(defaults)
+  if not arg:
+    return out
+  for i, item in enumerate(arg.split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:  # a bare word sets the first key
+      key, value = next(iter(defaults)), item
+    if key not in defaults:
+      raise KeyError(f'config arg {key!r} unknown; allowed: {sorted(defaults)}')
+    kind = type(defaults[key])
+    out[key] = (value.lower() in ('1', 'true')) if kind is bool else kind(value)
+  return out
+
+
+def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """The model section: every LlavaConfig field of a preset, so that `--config.model.text.num_layers=4` works."""
+  return ml_collections.ConfigDict(presets.get_model_config(preset, **overrides).to_dict())
+
+
+def stage_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = placeholder(str)   # default: workdir/<config file name>; `--workdir` overrides
+  c.model = model_config(preset, dtype='bfloat16', remat_policy='full')
+
+  # Mesh (data, fsdp, tensor); -1 takes the remaining devices. Default: FSDP over all of them.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))
+
+  c.data = ml_collections.ConfigDict(dict(
+      train_dir=placeholder(str),    # a dataset built by `python -m llava_jax.data.build`
+      split='train',
+      tokenizer=placeholder(str),    # HF tokenizer dir or an exported model dir (its tokenizer/)
+      template='plain',
+      max_length=2048,               # model_max_length of the original scripts
+      image_aspect='square',
+      global_batch_size=128,
+      num_epochs=1,
+      shuffle=True,
+      group_by_length=False,
+      worker_count=0,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=-1,                      # -1: as many as num_epochs of the data give
+      trainable=STAGE1_TRAINABLE,
+      grad_accum_steps=1,
+      nan_policy='stop',             # 'stop': raise naming the step; 'skip': drop that update and go on
+      max_skipped_steps=10,          # with 'skip', stop after this many non-finite steps in a row
+  ))
+
+  # HF Trainer defaults as used by the original scripts (AdamW, betas 0.9/0.999, eps 1e-8, max_grad_norm 1).
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=2e-3, projector_lr=placeholder(float), weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      warmup_ratio=0.03, schedule='cosine', clip_norm=1.0,
+  ))
+
+  c.init = ml_collections.ConfigDict(dict(
+      model_from=placeholder(str),      # a whole model: exported dir or HF LLaVA dir
+      projector_from=placeholder(str),  # stage-1 export (the original's --pretrain_mm_mlp_adapter)
+      vision_from=placeholder(str),     # HF CLIP dir or an exported model dir
+      llm_from=placeholder(str),        # HF LLaMA/Vicuna dir or an exported model dir
+      allow_random_frozen=False,        # a frozen module nobody initialises is an error unless this is set
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
+  c.export = ml_collections.ConfigDict(dict(model=True, hf_dir=placeholder(str)))
+  c.log = ml_collections.ConfigDict(dict(every_steps=10, peak_tflops=placeholder(float), tensorboard=True))
+  c.lock()
+  return c

@@ -1,0 +1,75 @@
+"""The demo: LLaVA's two stages on the built-in synthetic shapes dataset, on a CPU in a few minutes.
+
+  python -m llava_jax.train --config configs/demo.py [--workdir workdir/demo]
+
+What it does (everything under the work directory, default workdir/demo):
+  1. data/     draws the dataset (llava_jax.data.synthetic: shapes in colours; captions, instruction
+               conversations, a held-out QA set), trains its tokenizer and builds the ArrayRecord datasets.
+  2. warmup/   stands in for the pretrained CLIP and Vicuna that cannot be downloaded here: the tiny random
+               encoder, projector and LLM all train on the captions (config: every module trainable).
+  3. stage1/   LLaVA stage 1 exactly as for real models: a fresh projector, encoder + LLM loaded from the
+               warm-up (init.vision_from / init.llm_from) and frozen; only the projector trains, on captions.
+  4. stage2/   LLaVA stage 2: projector (from stage 1, init.projector_from) + LLM train on the instruction
+               data; the encoder stays frozen.
+  5. scores the held-out QA with the stage-2 model, greedy, and again with every image replaced by a blank
+     one: results.json holds accuracy, blind_accuracy and the chance level of the questions.
+"""
+import ml_collections
+
+from configs import common
+
+VOCAB = 768        # the demo tokenizer has 690 tokens; <image> is id 4
+IMAGE_TOKEN_ID = 4
+
+
+def model():
+  m = common.model_config('tiny', dtype='float32', remat_policy='none', image_token_id=IMAGE_TOKEN_ID)
+  # 2 x 2 patches of 32 px: one per cell of the synthetic images' 2 x 2 layout, so each shape is one token.
+  m.vision.image_size, m.vision.patch_size = 64, 32
+  m.vision.hidden_size, m.vision.intermediate_size = 128, 256
+  m.vision.num_layers, m.vision.num_heads = 4, 4
+  m.text.vocab_size = VOCAB
+  m.text.hidden_size, m.text.intermediate_size = 128, 256
+  m.text.num_layers, m.text.num_heads, m.text.num_kv_heads = 4, 4, 4
+  return m
+
+
+def stage(dataset, template, max_length, batch, steps, lr, trainable, **init):
+  c = common.stage_config('tiny')
+  c.model = model()
+  c.mesh.shape = (-1, 1, 1)   # data parallel over whatever devices there are
+  c.data.train_dir = '{workdir}/data/tfds/' + dataset
+  c.data.tokenizer = '{workdir}/data/tokenizer'
+  c.data.template = template
+  c.data.max_length = max_length
+  c.data.global_batch_size = batch
+  c.train.steps = steps
+  c.train.trainable = trainable
+  c.optim.lr = lr
+  c.optim.warmup_ratio = 0.05
+  c.checkpoint.every_steps = 200
+  c.checkpoint.keep = 1
+  c.log.every_steps = 20
+  for key, value in init.items():
+    c.init[key] = value
+  return c
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, scale=1.0)  # scale: multiplies every stage's step count (e.g. :scale=0.1)
+  steps = lambda n: max(1, int(n * a['scale']))
+  c = ml_collections.ConfigDict()
+  c.workdir = 'workdir/demo'
+  c.demo = ml_collections.ConfigDict(dict(num_train_images=1000, num_qa=192, image_size=64, max_objects=3, seed=0,
+                                          vocab_size=1024, conversations_per_image=1, num_vqa_train=3000))
+  c.stages = ml_collections.ConfigDict()
+  c.stages.warmup = stage('demo_warmup', 'vicuna_v1', 64, 32, steps(600), 2e-3, common.ALL_TRAINABLE)
+  c.stages.stage1 = stage('demo_stage1', 'plain', 32, 32, steps(100), 2e-3, common.STAGE1_TRAINABLE,
+                          vision_from='{workdir}/warmup/model', llm_from='{workdir}/warmup/model')
+  c.stages.stage2 = stage('demo_stage2', 'vicuna_v1', 112, 32, steps(300), 1e-3, common.STAGE2_TRAINABLE,
+                          vision_from='{workdir}/warmup/model', llm_from='{workdir}/warmup/model',
+                          projector_from='{workdir}/stage1/model')
+  c.stage_order = ('warmup', 'stage1', 'stage2')
+  c.eval = ml_collections.ConfigDict(dict(stage='stage2', qa_file='{workdir}/data/qa.json',
+                                          image_dir='{workdir}/data/images', batch_size=64, max_new_tokens=4))
+  return c

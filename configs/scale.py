@@ -1,0 +1,58 @@
+"""LLaVA-1.5 7B / 13B, stage 1 or 2, sized for 8x H100-80GB or a TPU v5p-32 slice (16 chips, 95 GiB each).
+
+  python -m llava_jax.train --config configs/scale.py:7b_stage2_8xh100 --dry_run      # does it fit? (any machine)
+  sbatch --nodes=1 launch/slurm_gpu.sbatch configs/scale.py:7b_stage2_8xh100 \
+      --config.data.train_dir=data/mix665k --config.data.tokenizer=hf/vicuna-7b-v1.5 \
+      --config.init.projector_from=runs/7b_stage1/model \
+      --config.init.vision_from=hf/clip-vit-large-patch14-336 --config.init.llm_from=hf/vicuna-7b-v1.5
+  launch/tpu_pod.sh configs/scale.py:13b_stage1_v5p32 ...
+
+Arg: `{7b,13b}_stage{1,2}_{8xh100,v5p32}`. The recipe (data, optimizer, batch) is stage1_pretrain.py /
+stage2_finetune.py's llava15_* variant unchanged; this file adds the mesh (FSDP over every device), the
+micro-batching and remat policy that the dry run found to fit (table in README), and the `hardware` section
+the dry run judges against.
+"""
+import re
+
+import ml_collections
+
+from configs import stage1_pretrain, stage2_finetune
+
+TARGETS = {
+    # name, devices, HBM per device (GiB), dense bf16 TFLOP/s per device
+    '8xh100': ('8x H100-80GB', 8, 80.0, 989.0),
+    'v5p32': ('TPU v5p-32 (16 chips)', 16, 95.0, 459.0),
+}
+# (model, stage, target) -> (train.grad_accum_steps, model.remat_policy): the least micro-batching with which
+# `--dry_run` puts the step under 75% of HBM (a margin for GPU/TPU compilers deciding differently from the CPU one
+# the dry run compiles with); full remat throughout, as the original's gradient checkpointing. README has the table.
+FIT = {
+    ('7b', 1, '8xh100'): (2, 'full'),
+    ('7b', 2, '8xh100'): (2, 'full'),
+    ('13b', 1, '8xh100'): (4, 'full'),
+    ('13b', 2, '8xh100'): (4, 'full'),
+    ('7b', 1, 'v5p32'): (1, 'full'),
+    ('7b', 2, 'v5p32'): (1, 'full'),
+    ('13b', 1, 'v5p32'): (1, 'full'),
+    ('13b', 2, 'v5p32'): (1, 'full'),
+}
+ARG = re.compile(r'(7b|13b)_stage([12])_(8xh100|v5p32)')
+
+
+def get_config(arg='7b_stage2_8xh100'):
+  m = ARG.fullmatch(arg or '')
+  if not m:
+    raise ValueError(f'config arg {arg!r}; expected {{7b,13b}}_stage{{1,2}}_{{{",".join(TARGETS)}}}, '
+                     'e.g. 7b_stage2_8xh100')
+  size, stage, target = m.group(1), int(m.group(2)), m.group(3)
+  recipe = stage1_pretrain if stage == 1 else stage2_finetune
+  c = recipe.get_config(f'llava15_{size}')
+  name, devices, hbm, tflops = TARGETS[target]
+  accum, remat = FIT[(size, stage, target)]
+  c.mesh.shape = (1, devices, 1)  # FSDP: params, gradients and optimizer state split over every device
+  c.train.grad_accum_steps = accum
+  c.model.remat_policy = remat
+  c.log.peak_tflops = tflops
+  with c.unlocked():
+    c.hardware = ml_collections.ConfigDict(dict(name=name, devices=devices, hbm_gib=hbm))
+  return c

@@ -1,0 +1,39 @@
+"""Stage 1, feature alignment (LLAVA.md §6): train only the projector on image-caption pairs, 1 epoch.
+
+  python -m llava_jax.train --config configs/stage1_pretrain.py:llava15_7b --workdir runs/llava15_7b_stage1 \
+      --config.data.train_dir=data/tfds --config.data.tokenizer=hf/vicuna-7b-v1.5 \
+      --config.init.vision_from=hf/clip-vit-large-patch14-336 --config.init.llm_from=hf/vicuna-7b-v1.5
+
+Variants (arg): llava_7b, llava_13b (LLaVA: CC-595K, linear projector, lr 2e-3, batch 128),
+llava15_7b, llava15_13b (LLaVA-1.5: LCS-558K, mlp2x_gelu projector, lr 1e-3, batch 256), tiny (tests).
+The result `<workdir>/model` is what stage 2 takes as `init.projector_from`.
+"""
+from configs import common
+
+RECIPE = {
+    # variant: (model preset, lr, global batch)
+    'llava_7b': ('llava_7b', 2e-3, 128),
+    'llava_13b': ('llava_13b', 2e-3, 128),
+    'llava15_7b': ('llava15_7b', 1e-3, 256),
+    'llava15_13b': ('llava15_13b', 1e-3, 256),
+    'tiny': ('tiny', 1e-3, 8),
+}
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, variant='llava15_7b')
+  if a['variant'] not in RECIPE:
+    raise ValueError(f'variant {a["variant"]!r}; allowed: {sorted(RECIPE)}')
+  preset, lr, batch = RECIPE[a['variant']]
+  c = common.stage_config(preset)
+  c.data.template = 'plain'          # <image> + caption (LLAVA.md §2); the same for LLaVA and LLaVA-1.5
+  c.data.global_batch_size = batch
+  c.data.num_epochs = 1
+  c.train.trainable = common.STAGE1_TRAINABLE
+  c.optim.lr = lr
+  c.optim.warmup_ratio = 0.03
+  c.checkpoint.every_steps = 500
+  if a['variant'] == 'tiny':
+    c.data.max_length = 64
+    c.mesh.shape = (1, -1, 1)
+  return c

@@ -1,0 +1,101 @@
+"""Metrics out of the loop: a progress line on the console, `metrics.jsonl` and TensorBoard event files.
+
+Only process 0 writes or prints; other processes get no-op writers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to `<workdir>/metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self._jsonl = self._tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # optional at import time: only when enabled
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.active:
+      return
+    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
+
+
+class Progress:
+  """`[stage] 120/1000 [####......] 12% loss 2.314 lr 1.9e-03 2,310 tok/s MFU 41.2% ETA 03:12`.
+
+  Redraws in place on a terminal; on a pipe prints a line every `every` steps and at the end.
+  """
+
+  def __init__(self, name: str, total: int, start: int = 0, every: int = 10, stream=None):
+    self.name, self.total, self.every = name, total, every
+    self.stream = stream or sys.stdout
+    self.active = jax.process_index() == 0
+    self.tty = self.active and hasattr(self.stream, 'isatty') and self.stream.isatty()
+    self._t0, self._s0 = time.perf_counter(), start
+
+  def update(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
+    if not self.active or not (self.tty or force or step % self.every == 0 or step == self.total):
+      return
+    elapsed = time.perf_counter() - self._t0
+    rate = (step - self._s0) / elapsed if elapsed > 0 and step > self._s0 else 0.0
+    eta = (self.total - step) / rate if rate else 0.0
+    frac = step / max(self.total, 1)
+    bar = '#' * int(20 * frac) + '.' * (20 - int(20 * frac))
+    parts = [f'[{self.name}] {step}/{self.total} [{bar}] {100 * frac:3.0f}%']
+    if 'loss' in metrics:
+      parts.append(f'loss {metrics["loss"]:.4f}')
+    if 'lr' in metrics:
+      parts.append(f'lr {metrics["lr"]:.2e}')
+    if 'tokens_per_s' in metrics:
+      parts.append(f'{metrics["tokens_per_s"]:,.0f} tok/s')
+    if 'mfu' in metrics:
+      parts.append(f'MFU {100 * metrics["mfu"]:.1f}%')
+    parts.append(f'ETA {_fmt_time(eta)}')
+    line = ' '.join(parts)
+    if self.tty:
+      self.stream.write('\r' + line.ljust(110))
+      if step == self.total:
+        self.stream.write('\n')
+    else:
+      self.stream.write(line + '\n')
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.tty:
+      self.stream.write('\n')
+      self.stream.flush()
+
+
+def log(message: str) -> None:
+  """Print on process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)

@@ -1,0 +1,164 @@
+"""Everything the train step needs, built once: the trainable/frozen split, the optimizer, shardings of state,
+frozen params and batch on the mesh, and the step compiled ahead of time.
+
+    setup = create(model_config, rules, optim, total_steps, mesh, global_batch=8, seq_len=256)
+    state, frozen = init_state(setup, params, seed=0)
+    state, metrics = setup.step(state, frozen, batch)
+
+`bench/` and the tests call these directly; `trainer.py` adds data, checkpoints and logging around them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from llava_jax import sharding
+from llava_jax.models.config import LlavaConfig
+from llava_jax.models.llava import Llava, abstract_params, param_logical_axes
+from llava_jax.train import optim as optim_lib
+from llava_jax.train import partition
+from llava_jax.train.step import TrainState, make_train_step
+
+BATCH_KEYS = ('input_ids', 'labels', 'attention_mask', 'pixel_values')
+
+
+@dataclasses.dataclass
+class StepSetup:
+  model_config: LlavaConfig
+  model: Llava
+  mesh: Mesh
+  mask: dict[str, bool]             # '/'-path -> trainable
+  tx: optax.GradientTransformation
+  lr_schedule: Callable
+  abstract_state: TrainState        # ShapeDtypeStructs carrying their shardings
+  abstract_frozen: Any
+  abstract_batch: dict[str, jax.ShapeDtypeStruct]
+  step: Optional[Callable]          # compiled: (state, frozen, batch) -> (state, metrics); donates state
+  memory: str                       # XLA's memory report of the compiled step
+
+  @property
+  def state_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.abstract_state)
+
+  @property
+  def frozen_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.abstract_frozen)
+
+  @property
+  def batch_shardings(self):
+    return {k: v.sharding for k, v in self.abstract_batch.items()}
+
+
+def _with_sharding(abstract, shardings, dtype=None):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), abstract, shardings)
+
+
+def param_shardings(model_config: LlavaConfig, mesh: Mesh):
+  """NamedSharding per param from the logical axis names and `sharding.LOGICAL_RULES`."""
+  return sharding.logical_to_mesh(param_logical_axes(model_config), abstract_params(model_config), mesh)
+
+
+def abstract_split(model_config: LlavaConfig, mask, mesh: Mesh):
+  """(trainable fp32, frozen in compute dtype) ShapeDtypeStructs with shardings."""
+  shapes = abstract_params(model_config)
+  shard = param_shardings(model_config, mesh)
+  t_shape, f_shape = partition.split(shapes, mask)
+  t_shard, f_shard = partition.split(shard, mask)
+  return (_with_sharding(t_shape, t_shard, jnp.float32),
+          _with_sharding(f_shape, f_shard, jnp.dtype(model_config.dtype)))
+
+
+def opt_state_shardings(tx, abstract_trainable, mesh: Mesh):
+  """Moments shard like their params; counts and other scalars are replicated."""
+  state = jax.eval_shape(tx.init, abstract_trainable)
+  shard = jax.tree.map(lambda a: a.sharding, abstract_trainable)
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  out = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, state, shard,
+                              transform_non_params=lambda _: sharding.replicated(mesh),
+                              is_leaf=lambda x: isinstance(x, NamedSharding) or masked(x))
+  return _with_sharding(state, out)
+
+
+def abstract_batch(mesh: Mesh, model_config: LlavaConfig, global_batch: int, seq_len: int):
+  ids = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+  size = model_config.vision.image_size
+  pix = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32, sharding=sharding.batch_sharding(mesh, 4))
+  return {'input_ids': ids, 'labels': ids, 'attention_mask': ids, 'pixel_values': pix}
+
+
+def create(model_config: LlavaConfig, rules, optim, total_steps: int, mesh: Mesh, *, global_batch: int,
+           seq_len: int, grad_accum_steps: int = 1, compile: bool = True) -> StepSetup:
+  """Split, optimizer, shardings and the ahead-of-time compiled step (`step` is None with compile=False).
+
+  `optim`: the config's `optim` section.
+  """
+  model = Llava(model_config)
+  mask = partition.trainable_paths(abstract_params(model_config), rules)
+  if not any(mask.values()):
+    raise ValueError(f'train.trainable {list(rules)} leaves no parameter trainable')
+  trainable, frozen = abstract_split(model_config, mask, mesh)
+  tx, lr = optim_lib.make_optimizer(optim, total_steps, trainable)
+  rep = sharding.replicated(mesh)
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=trainable,
+                     opt_state=opt_state_shardings(tx, trainable, mesh),
+                     rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+  batch = abstract_batch(mesh, model_config, global_batch, seq_len)
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  fn = make_train_step(model, tx, lr, grad_accum_steps)
+  jitted = jax.jit(fn, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, frozen),
+                                     {k: v.sharding for k, v in batch.items()}),
+                   out_shardings=(state_sh, rep), donate_argnums=0)
+  if not compile:
+    return StepSetup(model_config, model, mesh, mask, tx, lr, state, frozen, batch, None, 'not compiled')
+  with sharding.activation_rules(mesh):
+    compiled = jitted.lower(state, frozen, batch).compile()
+  return StepSetup(model_config, model, mesh, mask, tx, lr, state, frozen, batch, compiled,
+                   _memory_report(compiled))
+
+
+def _memory_report(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend reports
+    return 'memory analysis unavailable'
+  if m is None:
+    return 'memory analysis unavailable'
+  mib = lambda n: f'{n / 2**20:.1f} MiB'
+  return (f'compiled step memory per device: arguments {mib(m.argument_size_in_bytes)}, outputs '
+          f'{mib(m.output_size_in_bytes)}, temporaries {mib(m.temp_size_in_bytes)}, '
+          f'aliased {mib(m.alias_size_in_bytes)}')
+
+
+def init_state(setup: StepSetup, params, seed: int) -> tuple[TrainState, Any]:
+  """Full params (any dtype / placement) -> (TrainState with fresh optimizer state, frozen params) on the mesh."""
+  trainable, frozen = partition.split(params, setup.mask)
+  return new_state(setup, place(trainable, setup.abstract_state.params), seed), place(frozen, setup.abstract_frozen)
+
+
+def place(tree, abstract):
+  """Cast and shard `tree` like the ShapeDtypeStructs in `abstract`."""
+  return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x).astype(a.dtype), a.sharding), tree, abstract)
+
+
+def new_state(setup: StepSetup, trainable, seed: int) -> TrainState:
+  """Step 0: placed trainable params, fresh optimizer state (sharded like them), rng from `seed`."""
+  opt_sh = jax.tree.map(lambda x: x.sharding, setup.abstract_state.opt_state)
+  opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(trainable)
+  rep = sharding.replicated(setup.mesh)
+  # Made by a compiled function, not device_put: with several processes, device_put of host values compares
+  # them across processes first (a collective program compiled per call).
+  step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)),
+                      out_shardings=(rep, rep))()
+  return TrainState(step=step, params=trainable, opt_state=opt_state, rng=rng)
+
+
+def make_global_batch(setup: StepSetup, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over ('data', 'fsdp') (one process: the whole batch)."""
+  return {k: jax.make_array_from_process_local_data(a.sharding, np.asarray(local_batch[k]), a.shape)
+          for k, a in setup.abstract_batch.items()}

@@ -1,0 +1,94 @@
+"""The train step: a pure function `(state, frozen, batch) -> (state, metrics)`, and its jit with shardings.
+
+Only `state.params` (the trainable subtree, fp32 master weights) is differentiated; `frozen` (compute dtype) is a
+constant of the step. Gradients of the summed token losses are accumulated over `grad_accum_steps` micro-batches
+and divided once by the number of supervised tokens of the whole global batch, so accumulation and data
+parallelism give the same update as one big batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from llava_jax.train import partition
+
+IGNORE_INDEX = -100
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array   # int32 [], train steps taken (batches consumed, non-finite skipped ones included)
+  params: Any       # trainable subtree, fp32
+  opt_state: Any
+  rng: jax.Array    # uint32 [2], folded with the step for any randomness in the step
+
+
+def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy and the count of supervised tokens.
+
+  logits [batch, seq, vocab] (any dtype; reduced in fp32); labels [batch, seq] unshifted like HF (-100 = ignore):
+  position t predicts labels[t + 1].
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = labels[:, 1:]
+  mask = targets != IGNORE_INDEX
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(mask, lse - picked, 0.0)), jnp.sum(mask, dtype=jnp.float32)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callable,
+                    grad_accum_steps: int = 1) -> Callable:
+  """Build `train_step(state, frozen, batch) -> (state, metrics)`.
+
+  batch: input_ids / labels / attention_mask int32 [global_batch, seq], pixel_values float32
+  [global_batch, H, W, 3]. metrics: loss (mean over supervised tokens), grad_norm, lr, tokens (supervised),
+  finite (0/1; on a non-finite loss or gradient the state is returned unchanged).
+  """
+  def summed_loss(params, frozen, mb):
+    logits = model.apply({'params': partition.merge(params, frozen)}, mb['input_ids'], mb['pixel_values'],
+                         mb['attention_mask'])
+    return next_token_loss(logits, mb['labels'])[0]
+
+  grad_fn = jax.value_and_grad(summed_loss)
+
+  def train_step(state: TrainState, frozen, batch: Batch):
+    n_tokens = jnp.sum(batch['labels'][:, 1:] != IGNORE_INDEX, dtype=jnp.float32)
+    inputs = {k: batch[k] for k in ('input_ids', 'labels', 'attention_mask', 'pixel_values')}
+    if grad_accum_steps == 1:
+      loss_sum, grads = grad_fn(state.params, frozen, inputs)
+    else:
+      # Micro-batch a takes rows a, a+k, a+2k, ... so that every data shard contributes to every micro-batch.
+      def to_micro(x):
+        x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+      def body(carry, mb):
+        loss_acc, grad_acc = carry
+        loss_sum, grads = grad_fn(state.params, frozen, mb)
+        return (loss_acc + loss_sum, jax.tree.map(jnp.add, grad_acc, grads)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (loss_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                          jax.tree.map(to_micro, inputs))
+    denom = jnp.maximum(n_tokens, 1.0)
+    loss = loss_sum / denom
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step never reaches the state (so it can never be checkpointed); the host decides stop or skip.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': lr_schedule(state.step), 'tokens': n_tokens,
+               'finite': finite.astype(jnp.int32)}
+    return new_state, metrics
+
+  return train_step

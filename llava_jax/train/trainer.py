@@ -1,0 +1,229 @@
+"""One training stage, top to bottom: mesh, data, model init, restore, compiled step, loop, export.
+
+    summary = train(config, workdir)        # config: a validated stage config (configs/common.py)
+
+Work directory: `checkpoints/` (resumable, see checkpointing.py), `metrics.jsonl`, `tensorboard/`, `config.json`,
+and at the end `model/` (the exported model: params in `model.param_dtype`, tokenizer, template). Rerunning
+with the same work directory resumes from the latest checkpoint, bit-exactly on CPU.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from llava_jax import checkpoint as export_lib
+from llava_jax import config as config_lib
+from llava_jax import distributed
+from llava_jax import sharding
+from llava_jax.data.pipeline import make_pipeline
+from llava_jax.data.tokenize import add_image_token
+from llava_jax.models.llava import abstract_params
+from llava_jax.train import checkpointing, flops, metrics, partition
+from llava_jax.train import init as init_lib
+from llava_jax.train import setup as setup_lib
+
+
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss or gradient (nan_policy='stop', or too many skipped steps in a row)."""
+
+
+def load_tokenizer(path: str):
+  """HF tokenizer directory, or an exported model directory (its `tokenizer/`)."""
+  import transformers
+  if export_lib.is_model_dir(path):
+    tok = export_lib.load_tokenizer(path)
+    if tok is None:
+      raise FileNotFoundError(f'data.tokenizer={path}: exported model without a tokenizer/ folder')
+    return tok
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def check_tokenizer(tokenizer, model_config, path: str) -> None:
+  image_id = add_image_token(tokenizer)
+  if image_id != model_config.image_token_id:
+    raise config_lib.ConfigError(f'model.image_token_id={model_config.image_token_id} but the tokenizer '
+                                 f'{path} has <image> = {image_id}')
+  if len(tokenizer) > model_config.text.vocab_size:
+    raise config_lib.ConfigError(f'model.text.vocab_size={model_config.text.vocab_size} is smaller than the '
+                                 f'tokenizer {path} ({len(tokenizer)} tokens with <image>)')
+
+
+def _write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
+
+
+def _preemption_requested(flag: checkpointing.PreemptionFlag) -> bool:
+  """Every process must stop at the same step: agree on the flag across processes."""
+  if jax.process_count() == 1:
+    return flag.is_set
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag.is_set))))
+
+
+def _export(config, model_config, setup, state, frozen, tokenizer, workdir: str, log) -> Optional[str]:
+  if not config.export.model and not config.export.hf_dir:
+    return None
+  dtype = np.dtype(model_config.param_dtype)
+  params = jax.tree.map(lambda x: x.astype(dtype), partition.merge(state.params, frozen))
+  out = os.path.join(workdir, 'model')
+  if config.export.model:
+    export_lib.save_model(out, model_config, params, tokenizer=tokenizer, template=config.data.template)
+    log(f'exported model ({model_config.param_dtype}) to {out}')
+  if config.export.hf_dir:
+    from jax.experimental import multihost_utils
+    from llava_jax.convert import export_hf_llava
+    host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else params
+    if jax.process_index() == 0:
+      export_hf_llava(config.export.hf_dir, model_config, host, tokenizer, log=log)
+      log(f'exported HF LLaVA to {config.export.hf_dir}')
+  return out if config.export.model else None
+
+
+def train(config, workdir: str, *, stop_after: Optional[int] = None,
+          log: Callable[[str], None] = metrics.log) -> dict:
+  """Run (or resume) one stage. `stop_after`: leave after this many steps of this call as if preempted
+  (checkpoint, no export); used by tests. Returns {'status', 'step', 'total_steps', 'losses', 'model_dir'}."""
+  workdir = os.path.abspath(workdir)
+  model_config = config_lib.model_config(config)
+  _write_config(config, workdir)
+
+  # --- mesh ------------------------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh.shape)
+  log(f'mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, '
+      f'{jax.process_count()} process(es)')
+
+  # --- data: this process's rows of every global batch ---------------------------------------------------
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  check_tokenizer(tokenizer, model_config, config.data.tokenizer)
+  d = config.data
+  fixed_steps = config.train.steps > 0  # explicit step count: the data repeats as long as needed
+  # Processes holding the same rows (e.g. tensor parallelism across hosts) read the same shard.
+  shard, num_shards = distributed.data_shard(mesh, d.global_batch_size)
+  data = make_pipeline(d.train_dir, split=d.split, tokenizer=tokenizer, template=d.template,
+                       num_image_tokens=model_config.num_image_tokens, image_size=model_config.vision.image_size,
+                       image_aspect=d.image_aspect, max_length=d.max_length, global_batch_size=d.global_batch_size,
+                       seed=config.seed, num_epochs=None if fixed_steps else d.num_epochs, shuffle=d.shuffle,
+                       group_by_length=d.group_by_length, worker_count=d.worker_count,
+                       process_index=shard, process_count=num_shards)
+  total_steps = config.train.steps if fixed_steps else data.num_steps
+  if jax.process_count() > 1:
+    distributed.log(f'reads rows {shard * data.batch_size}..{(shard + 1) * data.batch_size - 1} of every global '
+                    f'batch of {d.global_batch_size} (data shard {shard} of {num_shards})')
+  log(f'data: {data.num_records} records in {d.train_dir}:{d.split}, {data.steps_per_epoch} steps/epoch, '
+      f'{total_steps} steps')
+
+  # --- restore point -----------------------------------------------------------------------------------------
+  ckpts = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
+                                    async_save=config.checkpoint.async_save)
+  latest = ckpts.latest_step()
+  finished = latest is not None and latest >= total_steps
+  model_dir = os.path.join(workdir, 'model')
+  if finished and (export_lib.is_model_dir(model_dir) or not config.export.model) and not config.export.hf_dir:
+    ckpts.close()
+    getattr(data, 'close', lambda: None)()
+    log(f'{workdir}: already trained ({latest} steps) and exported; nothing to do')
+    return {'status': 'completed', 'step': latest, 'total_steps': total_steps, 'losses': [],
+            'model_dir': model_dir if config.export.model else None}
+
+  # --- model, optimizer and the compiled step -----------------------------------------------------------
+  t0 = time.perf_counter()
+  setup = setup_lib.create(model_config, config.train.trainable, config.optim, total_steps, mesh,
+                           global_batch=d.global_batch_size, seq_len=d.max_length,
+                           grad_accum_steps=config.train.grad_accum_steps, compile=not finished)
+  if not finished:
+    log(f'compiled train step in {time.perf_counter() - t0:.1f}s; {setup.memory}')
+
+  # --- params: random + checkpoints (frozen ones are always rebuilt this way; trainable ones maybe restored)
+  trainable, frozen = init_lib.initial_params(config.init, model_config, setup.mask, setup.abstract_state.params,
+                                              setup.abstract_frozen, config.seed, log=log)
+  if latest is None:
+    state = setup_lib.new_state(setup, trainable, config.seed)
+  else:
+    del trainable
+    state, data_state = ckpts.restore(latest, setup.abstract_state)
+    if not finished:  # a finished stage reads no more data
+      data.set_state(data_state)
+    log(f'resumed from {ckpts.directory}/{latest}')
+  log(partition.param_table(state.params, frozen, partition.tree_bytes(state.opt_state)))
+
+  # --- loop -----------------------------------------------------------------------------------------------
+  step = int(state.step)
+  step_flops = flops.step_flops(model_config, setup.mask, abstract_params(model_config),
+                                d.global_batch_size, d.max_length, d.global_batch_size)
+  if config.log.peak_tflops:
+    peak, peak_src = config.log.peak_tflops * 1e12, 'config log.peak_tflops'
+  else:
+    peak, peak_src = flops.peak_flops_per_device(model_config.dtype)
+  log(f'{step_flops / 1e12:.4g} TFLOP per step (flops.py); peak {peak / 1e12:.4g} TFLOP/s per device ({peak_src})')
+  writer = metrics.MetricsWriter(workdir, config.log.tensorboard)
+  progress = metrics.Progress(os.path.basename(workdir), total_steps, start=step, every=config.log.every_steps)
+  losses, skipped_in_row, status = [], 0, 'completed'
+  last_saved = latest
+  window_t, window_steps = time.perf_counter(), 0
+  try:
+    with checkpointing.PreemptionFlag() as preempt:
+      while step < total_steps:
+        try:
+          local = next(data)
+        except StopIteration:
+          raise RuntimeError(f'data ran out at step {step} of {total_steps}') from None
+        batch = setup_lib.make_global_batch(setup, local)
+        state, m = setup.step(state, frozen, batch)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        step += 1
+        window_steps += 1
+        losses.append(m['loss'])
+        record = {'loss': m['loss'], 'grad_norm': m['grad_norm'], 'lr': m['lr'], 'supervised_tokens': m['tokens'],
+                  'skipped': 1.0 - m['finite']}
+        if step % config.log.every_steps == 0 or step == total_steps:
+          dt = time.perf_counter() - window_t
+          record['step_time_s'] = dt / window_steps
+          record['tokens_per_s'] = window_steps * d.global_batch_size * d.max_length / dt
+          record['mfu'] = window_steps * step_flops / dt / (peak * jax.device_count())
+          window_t, window_steps = time.perf_counter(), 0
+        writer.write(step, record)
+        progress.update(step, record)
+        if not m['finite']:
+          skipped_in_row += 1
+          if config.train.nan_policy == 'stop' or skipped_in_row > config.train.max_skipped_steps:
+            ckpts.wait()
+            where = (f'last good checkpoint: step {ckpts.latest_step()} in {ckpts.directory}'
+                     if ckpts.latest_step() is not None else 'no checkpoint written yet')
+            raise TrainingDiverged(f'non-finite loss or gradient at step {step} (loss={m["loss"]}, grad_norm='
+                                   f'{m["grad_norm"]}); the update was not applied; {where}')
+          log(f'step {step}: non-finite loss/gradient, update skipped ({skipped_in_row} in a row)')
+        else:
+          skipped_in_row = 0
+        stop_now = _preemption_requested(preempt) or (stop_after is not None and len(losses) >= stop_after)
+        if step % config.checkpoint.every_steps == 0 or step == total_steps or stop_now:
+          ckpts.save(step, state, data.get_state())
+          last_saved = step
+        if stop_now:
+          status = 'preempted'
+          log(f'stopping at step {step} (checkpoint saved in {ckpts.directory}); rerun to resume')
+          break
+    if last_saved != step and status == 'completed':
+      ckpts.save(step, state, data.get_state())
+    ckpts.wait()
+  finally:
+    progress.close()
+    writer.close()
+    ckpts.close()
+    getattr(data, 'close', lambda: None)()
+
+  model_dir = None
+  if status == 'completed':
+    stats = data.stats() if hasattr(data, 'stats') else {}
+    if stats:
+      log(f'data: {stats.get("rows", 0)} rows read this run, {stats.get("truncated", 0)} truncated, '
+          f'{stats.get("dropped", 0)} dropped (did not fit max_length), pad fraction '
+          f'{stats.get("pad_fraction", 0.0):.2f}')
+    model_dir = _export(config, model_config, setup, state, frozen, tokenizer, workdir, log)
+  return {'status': status, 'step': step, 'total_steps': total_steps, 'losses': losses, 'model_dir': model_dir}
