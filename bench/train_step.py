@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -78,7 +79,7 @@ def parse_args(argv=None):
   g.add_argument('--no-torch', action='store_true', help='time ours only')
   g.add_argument('--peak-size', type=int, default=2048, help='n of the n x n fp32 jnp.dot giving the peak')
   g.add_argument('--profile', metavar='DIR', default=None,
-                 help='after timing, trace 2 of our steps with jax.profiler into DIR and print the ops by time')
+                 help='after timing, trace 3 of our steps with jax.profiler into DIR and print XLA ops by time')
   g.add_argument('--seed', type=int, default=0)
   return p.parse_args(argv)
 
@@ -211,14 +212,20 @@ def build_torch(config: LlavaConfig, a, params, batch_np):
 # ---------------------------------------------------------------------------------------------------- profile
 
 
-def profile_ours(run, out_dir: str, top: int = 30):
-  """Trace 2 steps and print XLA ops by summed wall time (from the Perfetto JSON the profiler writes)."""
+def profile_ours(run, hlo_text: str, out_dir: str, steps: int = 3, top: int = 40):
+  """Trace `steps` of our steps with jax.profiler and print XLA ops by time per step, each with its HLO line.
+
+  Per op: the median duration of its calls times its calls per step (a median resists other load on the machine).
+  Ops run concurrently on the thread pool, so the column can add up to more than the step time.
+  """
+  import collections
   import glob
   import gzip
   import json
+  import re
   run(1)
   with jax.profiler.trace(out_dir, create_perfetto_trace=True):
-    run(2)
+    run(steps)
   files = sorted(glob.glob(os.path.join(out_dir, '**', '*.trace.json.gz'), recursive=True), key=os.path.getmtime)
   if not files:
     print(f'no perfetto trace found under {out_dir}')
@@ -226,33 +233,63 @@ def profile_ours(run, out_dir: str, top: int = 30):
   with gzip.open(files[-1]) as f:
     events = json.load(f)
   events = events['traceEvents'] if isinstance(events, dict) else events
-  totals: dict[str, list[float]] = {}
+  # op name -> 'shape opcode' (fusions: the notable ops they hold, e.g. 'fusion[dot]', 'fusion[transpose,exp]').
+  bodies, comp, hlo, calls = collections.defaultdict(set), None, {}, {}
+  for line in hlo_text.splitlines():
+    head = re.match(r'(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if head and not line.startswith(' '):
+      comp = head.group(1)
+      continue
+    m = re.match(r'\s+(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(', line)
+    if m:
+      hlo[m.group(1)] = (m.group(2), m.group(3))
+      bodies[comp].add(m.group(3))
+      c = re.search(r'calls=%?([\w.\-]+)', line)
+      if c:
+        calls[m.group(1)] = c.group(1)
+  notable = ('dot', 'convolution', 'transpose', 'copy', 'reduce', 'exponential', 'scatter', 'gather', 'pad',
+             'dynamic-update-slice', 'select', 'broadcast')
+  for name, (shape, op) in hlo.items():
+    inner = [o for o in notable if o in bodies.get(calls.get(name), ())]
+    hlo[name] = f'{shape} {op}' + (f'[{",".join(inner[:4])}]' if inner else '')
+  durations = collections.defaultdict(list)
   for e in events:
-    if e.get('ph') == 'X' and 'dur' in e:
-      r = totals.setdefault(e['name'], [0.0, 0])
-      r[0] += e['dur'] / 2e3  # us over 2 steps -> ms per step
-      r[1] += 1
-  print(f'\nper-op time (ms per step, summed over threads; trace: {files[-1]})')
-  for name, (ms, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
-    print(f'{ms:10.2f} {count // 2:6d}x  {name[:110]}')
+    if e.get('ph') == 'X' and 'dur' in e and e['name'] in hlo:
+      durations[e['name']].append(e['dur'] / 1e3)
+  rows = sorted(((statistics.median(d) * len(d) / steps, len(d) / steps, name) for name, d in durations.items()),
+                reverse=True)
+  total = sum(r[0] for r in rows)
+  print(f'\nXLA ops by time (ms per step; sum {total:.0f} ms over {len(rows)} ops; trace: {files[-1]})')
+  for ms, calls, name in rows[:top]:
+    print(f'{ms:9.1f} {calls:4.0f}x  {name[:36]:36} {hlo[name][:90]}')
 
 
 # ------------------------------------------------------------------------------------------------------- main
+
+
+def timed(fn, steps: int) -> dict[str, float]:
+  """Run `fn(steps)`; per step: wall seconds, CPU seconds of this process (user + sys, all threads), page faults."""
+  r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  fn(steps)
+  t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+  return {'wall': (t1 - t0) / steps, 'user': (r1.ru_utime - r0.ru_utime) / steps,
+          'sys': (r1.ru_stime - r0.ru_stime) / steps, 'faults': (r1.ru_minflt - r0.ru_minflt) / steps}
 
 
 def main(argv=None):
   a = parse_args(argv)
   config = model_config(a)
   rss = PeakRSS()
-  print(f'devices: {jax.devices()}  cpu cores: {os.cpu_count()}  load average: {os.getloadavg()}')
+  env = ' '.join(f'{k}={os.environ[k]}' for k in sorted(os.environ) if k.startswith(('OMP_', 'MALLOC_', 'XLA_')))
+  print(f'devices: {jax.devices()}  cpu cores: {os.cpu_count()}  load average: {os.getloadavg()}  '
+        f'env: {env or "(no OMP_/MALLOC_/XLA_ variables)"}')
   print(f'model: vision {a.vision_layers}x{a.vision_width} @{a.image_size}px/{a.patch_size} '
         f'({config.num_image_tokens} image tokens), LLM {a.text_layers}x{a.text_width} mlp {a.text_mlp} '
         f'heads {a.text_heads}/{config.text.num_kv_heads}, vocab {a.vocab}; batch {a.batch} x seq {a.seq}, '
         f'{a.dtype}, stage {a.stage}, remat {a.remat}')
 
-  peak = flops.measure_matmul_peak('float32', n=a.peak_size, reps=5)
-  print(f'measured fp32 matmul peak ({a.peak_size}^2 jnp.dot, best of 5): {peak / 1e9:.1f} GFLOP/s')
-
+  # Other load lowers a measured peak: keep the best of a measurement before and one after the rounds.
+  peak = flops.measure_matmul_peak('float32', n=a.peak_size, reps=10)
   params = jax.device_get(init_params(config, jax.random.key(a.seed)))
   batch_np = make_batch(config, a.batch, a.seq, a.seed)
   with rss.track() as ours_rss:
@@ -277,36 +314,34 @@ def main(argv=None):
   else:
     print(f'first-step loss: ours {loss_ours:.6f}')
 
-  times: dict[str, list[float]] = {'ours': [], 'torch': []}
+  sides = [('ours', ours)] + ([] if torch_run is None else [('torch', torch_run)])
+  rounds: dict[str, list[dict[str, float]]] = {name: [] for name, _ in sides}
   for r in range(a.repeats):
-    order = [('ours', ours), ('torch', torch_run)]
-    order = order if r % 2 == 0 else order[::-1]
-    for name, fn in order:
-      if fn is None:
-        continue
-      t = time.perf_counter()
-      fn(a.steps)
-      times[name].append((time.perf_counter() - t) / a.steps)
-    line = '  '.join(f'{k} {statistics.median(v) * 1e3:.0f} ms' for k, v in times.items() if v)
+    for name, fn in (sides if r % 2 == 0 else sides[::-1]):
+      rounds[name].append(timed(fn, a.steps))
+    line = '  '.join(f'{k} {statistics.median(x["wall"] for x in v) * 1e3:.0f} ms' for k, v in rounds.items())
     print(f'round {r + 1}/{a.repeats}: {line} (median so far)', flush=True)
+  peak = max(peak, flops.measure_matmul_peak('float32', n=a.peak_size, reps=10))
 
-  print(f'\nstep FLOPs (model): {step_flops / 1e9:.2f} GFLOP; tokens per step {n_tokens}; '
-        f'peak {peak / 1e9:.1f} GFLOP/s; load average now {os.getloadavg()[0]:.1f}')
-  header = f'{"":8} {"step ms":>9} {"(best)":>8} {"tokens/s":>9} {"(best)":>8} {"MFU":>6} {"peak RSS +":>11}'
-  print(header)
-  rows = [('ours', ours_rss)] + ([] if a.no_torch else [('torch', torch_rss)])
+  print(f'\nstep: {step_flops / 1e9:.2f} GFLOP (model), {n_tokens} tokens; measured fp32 matmul peak '
+        f'({a.peak_size}^2 jnp.dot, best of 20) {peak / 1e9:.1f} GFLOP/s; load average now {os.getloadavg()[0]:.1f}')
+  print(f'{"":6} {"step ms":>8} {"(best)":>7} {"tokens/s":>9} {"(best)":>7} {"MFU":>6} {"CPU s":>6} {"sys s":>6} '
+        f'{"faults":>8} {"peak RSS +":>11}')
   med = {}
-  for name, grow in rows:
-    ts = times[name]
-    med[name] = statistics.median(ts)
-    best = min(ts)
-    print(f'{name:8} {med[name] * 1e3:9.1f} {best * 1e3:8.1f} {n_tokens / med[name]:9.0f} {n_tokens / best:8.0f} '
-          f'{step_flops / med[name] / peak:6.1%} {mib(grow["growth"]):>11}')
-  if not a.no_torch:
+  for name, grow in [('ours', ours_rss), ('torch', torch_rss)][:len(sides)]:
+    m = {k: statistics.median(x[k] for x in rounds[name]) for k in ('wall', 'user', 'sys', 'faults')}
+    med[name] = m['wall']
+    best = min(x['wall'] for x in rounds[name])
+    print(f'{name:6} {m["wall"] * 1e3:8.1f} {best * 1e3:7.1f} {n_tokens / m["wall"]:9.0f} {n_tokens / best:7.0f} '
+          f'{step_flops / m["wall"] / peak:6.1%} {m["user"] + m["sys"]:6.2f} {m["sys"]:6.2f} {m["faults"]:8.0f} '
+          f'{mib(grow["growth"]):>11}')
+  print('(medians over rounds; CPU s = user + sys seconds of all threads per step; faults = minor page faults per '
+        'step; peak RSS + = growth while that side built and ran its first steps)')
+  if torch_run is not None:
     print(f'ours / torch tokens/s (median): {med["torch"] / med["ours"]:.2f}x')
 
   if a.profile:
-    profile_ours(ours, a.profile)
+    profile_ours(ours, setup.step.as_text(), a.profile)
 
 
 if __name__ == '__main__':

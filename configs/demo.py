@@ -30,7 +30,7 @@ def model():
   m.vision.num_layers, m.vision.num_heads = 4, 4
   m.text.vocab_size = VOCAB
   m.text.hidden_size, m.text.intermediate_size = 128, 256
-  m.text.num_layers, m.text.num_heads, m.text.num_kv_heads = 4, 4, 4
+  m.text.num_layers, m.text.num_heads, m.text.num_kv_heads = 2, 4, 4
   return m
 
 
@@ -60,10 +60,10 @@ def get_config(arg=None):
   steps = lambda n: max(1, int(n * a['scale']))
   c = ml_collections.ConfigDict()
   c.workdir = 'workdir/demo'
-  c.demo = ml_collections.ConfigDict(dict(num_train_images=1000, num_qa=192, image_size=64, max_objects=3, seed=0,
+  c.demo = ml_collections.ConfigDict(dict(num_train_images=3000, num_qa=192, image_size=64, max_objects=3, seed=0,
                                           vocab_size=1024, conversations_per_image=1, num_vqa_train=3000))
   c.stages = ml_collections.ConfigDict()
-  c.stages.warmup = stage('demo_warmup', 'vicuna_v1', 64, 32, steps(600), 2e-3, common.ALL_TRAINABLE)
+  c.stages.warmup = stage('demo_stage1', 'plain', 32, 64, steps(1500), 3e-3, common.ALL_TRAINABLE)
   c.stages.stage1 = stage('demo_stage1', 'plain', 32, 32, steps(100), 2e-3, common.STAGE1_TRAINABLE,
                           vision_from='{workdir}/warmup/model', llm_from='{workdir}/warmup/model')
   c.stages.stage2 = stage('demo_stage2', 'vicuna_v1', 112, 32, steps(300), 1e-3, common.STAGE2_TRAINABLE,

@@ -3,11 +3,11 @@ ArrayRecord datasets the stages read, created under `<workdir>/data` when missin
 
   <workdir>/data/           images/, stage1.json (captions), stage2.json (instructions), qa.json (held out),
                             tokenizer/, meta.json                        (llava_jax.data.synthetic.write_demo)
-                            vqa_train.json, warmup_mix.json, stage2_mix.json                       (below)
-  <workdir>/data/tfds/      demo_warmup, demo_stage1, demo_stage2        (llava_jax.data.builder)
+                            vqa_train.json, demo_stage2.json (instructions + vqa_train)     (below)
+  <workdir>/data/tfds/      demo_stage1 (captions), demo_stage2          (llava_jax.data.builder)
 
 Like LLaVA-1.5's mix665k, which adds academic VQA data with the short-answer prompt to the instructions, the
-warm-up and stage 2 also train on `num_vqa_train` short-answer questions drawn the way the held-out QA is drawn
+stage-2 data also holds `num_vqa_train` short-answer questions drawn the way the held-out QA is drawn
 (every answer of a question equally often; other images, other random streams). Without them the instruction
 data's yes/no questions are mostly "no", which a small model learns as a prior.
 """
@@ -21,8 +21,7 @@ import jax
 import numpy as np
 
 # TFDS name -> the LLaVA JSON files it is built from
-DATASETS = {'demo_warmup': ('stage1.json', 'vqa_train.json'), 'demo_stage1': ('stage1.json',),
-            'demo_stage2': ('stage2.json', 'vqa_train.json')}
+DATASETS = {'demo_stage1': ('stage1.json',), 'demo_stage2': ('stage2.json', 'vqa_train.json')}
 _VQA_STREAM = 7  # random stream of the training questions; held-out QA uses streams 1 and 3 of synthetic.py
 
 

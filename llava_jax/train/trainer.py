@@ -74,7 +74,8 @@ def _export(config, model_config, setup, state, frozen, tokenizer, workdir: str,
   params = jax.tree.map(lambda x: x.astype(dtype), partition.merge(state.params, frozen))
   out = os.path.join(workdir, 'model')
   if config.export.model:
-    export_lib.save_model(out, model_config, params, tokenizer=tokenizer, template=config.data.template)
+    export_lib.save_model(out, model_config, params, tokenizer=tokenizer, template=config.data.template,
+                          image_aspect=config.data.image_aspect)
     log(f'exported model ({model_config.param_dtype}) to {out}')
   if config.export.hf_dir:
     from jax.experimental import multihost_utils
