@@ -16,7 +16,10 @@ steps of ours then of torch (alternating which goes first); the table gives the 
 tokens/s = batch * seq / step time. MFU = model FLOPs of the step (`train.flops.step_flops`: 6N/token where a
 module trains, 4N where only the gradient passes, 2N forward only, plus attention) / step time / the MEASURED fp32
 matmul peak of this machine (best of a large `jnp.dot`). Peak memory: RSS growth while each side builds and runs
-its first steps (ours before torch exists), and XLA's memory analysis of the compiled step.
+its first steps (ours before torch exists), and XLA's memory analysis of the compiled step. CPU s (user + sys of
+all threads per step) and page faults per step come from getrusage around each side's rounds; on a machine shared
+with other processes compare those, and see bench/README.md (torch's OpenMP spin-wait, glibc returning XLA's
+temporary buffer to the OS every step).
 """
 from __future__ import annotations
 
@@ -34,7 +37,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
@@ -160,7 +162,7 @@ def build_ours(config: LlavaConfig, a, params, batch_np):
 
   def run(n: int) -> float:
     """n steps; returns the last loss (blocks)."""
-    metrics = None
+    metrics = {'loss': float('nan')}
     for _ in range(n):
       box['state'], metrics = setup.step(box['state'], frozen, batch)
     return float(metrics['loss'])
@@ -193,7 +195,7 @@ def build_torch(config: LlavaConfig, a, params, batch_np):
   autocast = a.dtype == 'bfloat16'
 
   def run(n: int) -> float:
-    last = None
+    last = float('nan')
     for _ in range(n):
       with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
         loss = model(**batch).loss
