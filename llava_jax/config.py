@@ -152,6 +152,12 @@ PIPELINE_SCHEMA: dict[str, Key] = {
     'demo.vocab_size': Key(int, check=_positive),
     'demo.conversations_per_image': Key(int, check=_non_negative),
     'demo.num_vqa_train': Key(int, check=_non_negative),
+    'demo.stage2_kinds': Key((tuple, list), check=lambda v: None if v and set(v) <= {'conversation', 'detail',
+                             'reasoning'} else "must be a non-empty subset of ('conversation', 'detail', 'reasoning')"),
+    'vision_warmup.steps': Key(int, check=_positive),
+    'vision_warmup.lr': Key(float, check=_positive),
+    'vision_warmup.batch_size': Key(int, check=_positive),
+    'vision_warmup.seed': Key(int),
     'eval.stage': Key(str),
     'eval.qa_file': Key(str, path='any'),
     'eval.image_dir': Key(str, path='dir'),
@@ -159,7 +165,7 @@ PIPELINE_SCHEMA: dict[str, Key] = {
     'eval.max_new_tokens': Key(int, check=_positive),
 }
 # Optional pipeline sections: present or absent as a whole.
-OPTIONAL_SECTIONS = ('demo', 'eval')
+OPTIONAL_SECTIONS = ('demo', 'vision_warmup', 'eval')
 
 
 def is_pipeline(config) -> bool:
@@ -415,6 +421,8 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_paths: b
     for name in names:
       if name not in config.stages:
         errors.append(f'stage_order: unknown stage {name!r}; defined: {sorted(config.stages.keys())}')
+    if 'vision_warmup' in config and 'demo' not in config:
+      errors.append('vision_warmup: needs the demo section (it trains on the demo dataset\'s boxes)')
     if 'eval' in config and config.eval.get('stage') not in names:
       errors.append(f'eval.stage={config.eval.get("stage")!r}; allowed: {names}')
     for name in names:

@@ -154,3 +154,15 @@ def test_pipeline_workdir_placeholders(tmp_path):
   config_lib.validate(config, num_devices=1)
   msg = errors_of(os.path.join(CONFIGS, 'demo.py'), ['stage_order=("stage1","stage3")'], num_devices=1)
   assert "stage_order: unknown stage 'stage3'" in msg
+
+
+def test_pipeline_demo_sections_are_validated():
+  demo = os.path.join(CONFIGS, 'demo.py')
+  assert 'vision_warmup.steps=0: must be > 0' in errors_of(demo, ['vision_warmup.steps=0'], num_devices=1)
+  msg = errors_of(demo, ['demo.stage2_kinds=("conversation","chat")'], num_devices=1)
+  assert 'demo.stage2_kinds' in msg and "subset of ('conversation', 'detail', 'reasoning')" in msg
+  config = config_lib.load(demo, [])
+  with config.unlocked():
+    del config['demo']
+  with pytest.raises(config_lib.ConfigError, match="vision_warmup: needs the demo section"):
+    config_lib.validate(config, num_devices=1)

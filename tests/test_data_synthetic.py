@@ -192,3 +192,30 @@ def test_cli(tmp_path, capsys):
   assert {q['type'] for q in qa} == {'color', 'shape', 'exists'}
   assert synthetic.main(['--out', str(tmp_path / 'y'), '--max-objects', '12']) == 1
   assert 'max_objects' in capsys.readouterr().err
+
+
+def test_captions_name_each_object_by_colour_and_by_shape():
+  objs = (synthetic.Obj('red', 'circle', (0, 0, .4, .4), 'top left'),
+          synthetic.Obj('blue', 'square', (.5, 0, .9, .4), 'top right'),
+          synthetic.Obj('green', 'circle', (0, .5, .4, .9), 'bottom left'))
+  assert synthetic.captions(synthetic.Scene(objs)) == [
+      'A red circle, a blue square and a green circle.',
+      'Three shapes on a white background: a red circle, a blue square and a green circle.',
+      'An image of two circles and a square.',
+      'A red circle in the top left, a blue square in the top right and a green circle in the bottom left.',
+      'A simple drawing: a circle in red, a square in blue and a circle in green.']
+
+
+def test_training_short_questions_are_true_and_exists_is_balanced():
+  rng = np.random.default_rng(0)
+  answers = {}
+  for _ in range(3000):
+    scene = synthetic.place(rng, synthetic.random_kinds(rng, int(rng.integers(1, 4))), 3)
+    question, answer = synthetic.short_qa(scene, rng)
+    boxes = [(o.name, o.box) for o in scene.objects]
+    assert answer == _answer(question, boxes), question
+    if question.startswith('Is there'):
+      answers.setdefault(answer, 0)
+      answers[answer] += 1
+  total = answers['yes'] + answers['no']
+  assert total > 500 and abs(answers['yes'] / total - 0.5) < 0.05, answers

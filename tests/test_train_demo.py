@@ -2,7 +2,8 @@
 
 The full demo's accuracy target is checked by running it (see the report); here: the pipeline runs every stage
 with the real stage machinery (stage 1 changes only the projector, stage 2 never the encoder), resumes as a
-no-op, and writes results.json with the chance level of its QA set.
+no-op, and writes results.json with the chance level of its QA set. The vision warm-up's labels are exact and its
+training fits them.
 """
 import json
 import os
@@ -14,12 +15,13 @@ import pytest
 from llava_jax import checkpoint
 from llava_jax import config as config_lib
 from llava_jax.eval import demo_qa
+from llava_jax.train import demo as demo_lib
 from llava_jax.train import partition, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, 'configs', 'demo.py')
 SMALL = ['demo.num_train_images=24', 'demo.num_qa=8', 'demo.num_vqa_train=16', 'eval.batch_size=8',
-         'eval.max_new_tokens=2',
+         'eval.max_new_tokens=2', 'vision_warmup.steps=2', 'vision_warmup.batch_size=8',
          'stages.warmup.train.steps=2', 'stages.stage1.train.steps=2', 'stages.stage2.train.steps=2',
          'stages.warmup.data.global_batch_size=8', 'stages.stage1.data.global_batch_size=8',
          'stages.stage2.data.global_batch_size=8']
@@ -62,8 +64,12 @@ def test_demo_pipeline_runs_every_stage_and_writes_results(demo_run):
 
 def test_demo_stages_freeze_what_the_paper_freezes(demo_run):
   workdir, _, _ = demo_run
-  warm, s1, s2 = (_params(str(workdir / name / 'model')) for name in ('warmup', 'stage1', 'stage2'))
+  vision, warm, s1, s2 = (_params(str(workdir / name / 'model'))
+                          for name in ('vision_warmup', 'warmup', 'stage1', 'stage2'))
   changed = lambda a, b, prefix: [k for k in a if k.startswith(prefix) and not np.array_equal(a[k], b[k])]
+  # The LLM warm-up loads the vision warm-up's tower and keeps it frozen (the stage-2 mask).
+  assert not changed(vision, warm, 'vision_tower/')
+  assert changed(vision, warm, 'projector/') and changed(vision, warm, 'language_model/')
   # Stage 1: encoder and LLM loaded from the warm-up and frozen; the projector is fresh and trained.
   assert not changed(warm, s1, 'vision_tower/') and not changed(warm, s1, 'language_model/')
   assert changed(warm, s1, 'projector/')
@@ -78,3 +84,53 @@ def test_rerunning_a_finished_demo_does_not_train_again(demo_run):
   result = run.run(config)
   assert result['status'] == 'completed'
   assert (workdir / 'stage2' / 'metrics.jsonl').read_text() == before
+
+
+def _coco(images, annotations, size=64):
+  cats = [dict(id=i + 1, name=n) for i, n in enumerate(['red circle', 'red square', 'blue circle', 'blue square'])]
+  return dict(images=[dict(id=i, file_name=f, width=size, height=size) for i, f in enumerate(images)],
+              annotations=[dict(image_id=i, category_id=c, bbox=b) for i, c, b in annotations], categories=cats)
+
+
+def test_patch_labels_put_each_object_in_the_patch_of_its_box_centre(tmp_path):
+  path = tmp_path / 'instances.json'
+  # image 0: a blue circle whose box straddles patches 0 and 1 but is centred in 1; a red square in patch 2.
+  # image 1: a blue square in patch 3.
+  path.write_text(json.dumps(_coco(['a.png', 'b.png'], [(0, 3, [20, 2, 30, 20]), (0, 2, [4, 36, 20, 20]),
+                                                        (1, 4, [40, 40, 20, 20])])))
+  files, labels = demo_lib.patch_labels(str(path), 64, 32)
+  assert files == ['a.png', 'b.png']
+  # colours sorted: blue=1, red=2; shapes: circle=1, square=2; object = category id; 0 = no object
+  np.testing.assert_array_equal(labels['colour'], [[0, 1, 2, 0], [0, 0, 0, 1]])
+  np.testing.assert_array_equal(labels['shape'], [[0, 1, 2, 0], [0, 0, 0, 2]])
+  np.testing.assert_array_equal(labels['object'], [[0, 3, 2, 0], [0, 0, 0, 4]])
+
+
+def test_patch_labels_reject_bad_input(tmp_path):
+  path = tmp_path / 'instances.json'
+  path.write_text(json.dumps(_coco(['a.png'], [], size=48)))
+  with pytest.raises(ValueError, match=r'a\.png is 48x48, the model takes 64x64'):
+    demo_lib.patch_labels(str(path), 64, 32)
+  bad = _coco(['a.png'], [])
+  bad['categories'][0]['name'] = 'red'
+  path.write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match='categories must be named "colour shape"'):
+    demo_lib.patch_labels(str(path), 64, 32)
+
+
+def test_vision_warmup_fits_its_training_patches(demo_run, tmp_path):
+  workdir, config, _ = demo_run
+  (tmp_path / 'data').symlink_to(workdir / 'data')
+  cfg = config.vision_warmup.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.steps, cfg.batch_size = 40, 24
+  model_config = config_lib.model_config(config.stages.warmup)
+  out = demo_lib.warmup_vision(cfg, model_config, str(tmp_path), log=lambda _: None)
+  metrics = json.loads((tmp_path / 'vision_warmup' / 'metrics.json').read_text())
+  assert metrics['steps'] == 40 and metrics['last_loss'] < 0.3 * metrics['first_loss'], metrics
+  assert set(metrics['held_out_patch_accuracy']) == {'colour', 'shape', 'object'}
+  # The export is a whole LLaVA model (the stages load it with init.vision_from) with the trained tower.
+  params = _params(out)
+  two_steps = _params(str(workdir / 'vision_warmup' / 'model'))  # the pipeline's, 2 steps
+  assert params.keys() == two_steps.keys()
+  assert any(not np.array_equal(params[k], two_steps[k]) for k in params if k.startswith('vision_tower/'))

@@ -24,6 +24,10 @@ def run(config) -> dict:
   if 'demo' in config:
     from llava_jax.train import demo
     demo.prepare(config.demo, workdir, log=metrics.log)
+    if 'vision_warmup' in config:  # the stages' model: the first stage's (all of a pipeline's stages share it)
+      metrics.log('=== vision warm-up ===')
+      demo.warmup_vision(config.vision_warmup, config_lib.model_config(config.stages[config.stage_order[0]]),
+                         workdir, log=metrics.log)
   result, trained = {'status': 'completed'}, False
   for name in config.stage_order:
     stage = config.stages[name]
