@@ -75,13 +75,13 @@ def get_config(arg=None):
   c.vision_warmup = ml_collections.ConfigDict(dict(steps=steps(300), lr=3e-3, batch_size=64, seed=0))
   vision = '{workdir}/vision_warmup/model'
   c.stages = ml_collections.ConfigDict()
-  c.stages.warmup = stage('demo_stage1', 'plain', 32, 64, steps(600), 3e-3, common.STAGE2_TRAINABLE,
+  c.stages.warmup = stage('demo_stage1', 'plain', 32, 64, steps(400), 3e-3, common.STAGE2_TRAINABLE,
                           vision_from=vision)
   c.stages.stage1 = stage('demo_stage1', 'plain', 32, 32, steps(100), 2e-3, common.STAGE1_TRAINABLE,
                           vision_from=vision, llm_from='{workdir}/warmup/model')
   # 64 tokens hold the 4 image tokens, the system prompt and a conversation's first turn (later turns are cut;
   # the data pipeline counts the truncated records and the log reports them).
-  c.stages.stage2 = stage('demo_stage2', 'vicuna_v1', 64, 32, steps(1500), 2e-3, common.STAGE2_TRAINABLE,
+  c.stages.stage2 = stage('demo_stage2', 'vicuna_v1', 64, 32, steps(2000), 2e-3, common.STAGE2_TRAINABLE,
                           vision_from=vision, llm_from='{workdir}/warmup/model',
                           projector_from='{workdir}/stage1/model')
   c.stage_order = ('warmup', 'stage1', 'stage2')
