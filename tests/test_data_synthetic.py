@@ -219,3 +219,10 @@ def test_training_short_questions_are_true_and_exists_is_balanced():
       answers[answer] += 1
   total = answers['yes'] + answers['no']
   assert total > 500 and abs(answers['yes'] / total - 0.5) < 0.05, answers
+
+
+def test_sample_kind_reads_the_stage2_ids(demo):
+  _, meta = demo
+  kinds = [synthetic.sample_kind(s['id']) for s in _load(meta['paths']['stage2'])]
+  assert set(kinds) == {'conversation', 'detail', 'reasoning'} and len(kinds) == 8 * 3
+  assert synthetic.sample_kind('train_000012_conversation1') == 'conversation'

@@ -355,6 +355,11 @@ def _dump(obj, path: str) -> None:
     json.dump(obj, f, indent=1, ensure_ascii=False)
 
 
+def sample_kind(sample_id: str) -> str:
+  """A stage-2 sample's kind from its id (as write_demo names them): 'train_000012_conversation1' -> 'conversation'."""
+  return sample_id.split('_', 2)[2].rstrip('0123456789')
+
+
 def write_demo(out_dir: str, *, num_train: int = 1000, num_qa: int = 192, image_size: int = 64,
                max_objects: int = 3, seed: int = 0, conversations_per_image: int = 1, tokenizer: bool = True,
                vocab_size: int = 1024, progress_every: int = 1000) -> dict:

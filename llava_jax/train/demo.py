@@ -59,11 +59,6 @@ def write_vqa_train(root: str, num: int, *, max_objects: int, image_size: int, s
   return samples
 
 
-def _kind(sample_id: str) -> str:
-  """'train_000012_conversation1' -> 'conversation' (synthetic.py's stage-2 sample ids)."""
-  return sample_id.split('_', 2)[2].rstrip('0123456789')
-
-
 def _write_json(obj, path: str) -> None:
   with open(path + '.tmp', 'w') as f:
     json.dump(obj, f)
@@ -104,7 +99,8 @@ def prepare(demo, workdir: str, log: Callable[[str], None] = print) -> None:
       samples = []
       for source in sources:
         with open(os.path.join(root, source)) as f:
-          samples += [x for x in json.load(f) if source != 'stage2.json' or _kind(x['id']) in demo.stage2_kinds]
+          samples += [x for x in json.load(f)
+                      if source != 'stage2.json' or synthetic.sample_kind(x['id']) in demo.stage2_kinds]
       _write_json(samples, mixed)
       # overwrite: a build that was interrupted
       report = builder.build_dataset({'train': mixed}, os.path.join(root, 'images'), os.path.join(root, 'tfds'),
@@ -117,6 +113,8 @@ def prepare(demo, workdir: str, log: Callable[[str], None] = print) -> None:
 
 
 # ----------------------------------------------------------------------------- vision warm-up
+
+LABEL_KINDS = ('colour', 'shape', 'object')  # the per-patch labels, one linear head each
 
 def patch_labels(instances_file: str, image_size: int, patch_size: int) -> tuple[list[str], dict[str, np.ndarray]]:
   """COCO instances (categories named 'colour shape') -> image files and per-patch labels, 0 = no object.
@@ -137,7 +135,7 @@ def patch_labels(instances_file: str, image_size: int, patch_size: int) -> tuple
     if (im['width'], im['height']) != (image_size, image_size):
       raise ValueError(f'{instances_file}: {im["file_name"]} is {im["width"]}x{im["height"]}, the model takes '
                        f'{image_size}x{image_size}')
-  labels = {k: np.zeros((len(row_of), grid * grid), np.int32) for k in ('colour', 'shape', 'object')}
+  labels = {k: np.zeros((len(row_of), grid * grid), np.int32) for k in LABEL_KINDS}
   for a in coco['annotations']:
     x, y, w, h = a['bbox']
     patch = int((y + h / 2) // patch_size) * grid + int((x + w / 2) // patch_size)
@@ -163,12 +161,12 @@ def warmup_vision(cfg, model_config, workdir: str, log: Callable[[str], None] = 
   when the export exists. Every process computes the same result (it is small); orbax writes it once.
   """
   import flax.linen as nn
-  import jax.numpy as jnp
   import optax
 
   from llava_jax import checkpoint
   from llava_jax.models.clip import CLIPVisionTower
   from llava_jax.models.llava import init_params
+  from llava_jax.train.optim import lr_schedule
 
   out = os.path.join(workdir, 'vision_warmup', 'model')
   if checkpoint.is_model_dir(out):
@@ -177,7 +175,7 @@ def warmup_vision(cfg, model_config, workdir: str, log: Callable[[str], None] = 
   v = model_config.vision
   root = data_dir(workdir)
   pixels, labels = _load_split(root, 'train', v.image_size, v.patch_size)
-  heads = tuple(int(labels[k].max()) + 1 for k in ('colour', 'shape', 'object'))
+  heads = tuple(int(labels[k].max()) + 1 for k in LABEL_KINDS)
 
   class Tower(nn.Module):  # the tower + one linear head per label kind, per patch
     @nn.compact
@@ -189,8 +187,7 @@ def warmup_vision(cfg, model_config, workdir: str, log: Callable[[str], None] = 
 
   model = Tower()
   params = nn.meta.unbox(model.init(jax.random.key(cfg.seed), pixels[:1])['params'])
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, cfg.steps // 20), cfg.steps),
-                   weight_decay=0.0)
+  tx = optax.adamw(lr_schedule(cfg.lr, cfg.steps, 0.05, 'cosine'), weight_decay=0.0)
 
   def loss_fn(p, x, ys):
     logits = model.apply({'params': p}, x)
@@ -214,7 +211,7 @@ def warmup_vision(cfg, model_config, workdir: str, log: Callable[[str], None] = 
 
   log(f'vision warm-up: {len(pixels)} images, {cfg.steps} steps of {cfg.batch_size}, heads colour/shape/object '
       f'{heads} classes per patch')
-  ys_all = (labels['colour'], labels['shape'], labels['object'])
+  ys_all = tuple(labels[k] for k in LABEL_KINDS)
   opt = tx.init(params)
   rng = np.random.default_rng(cfg.seed)
   losses = []
@@ -224,15 +221,15 @@ def warmup_vision(cfg, model_config, workdir: str, log: Callable[[str], None] = 
     losses.append(loss)
     if (i + 1) % max(1, cfg.steps // 5) == 0 or i + 1 == cfg.steps:
       log(f'vision warm-up: step {i + 1}/{cfg.steps} loss {float(loss):.4f}')
-  held_out = _load_split(root, 'qa', v.image_size, v.patch_size)
-  acc = accuracy(params, held_out[0], (held_out[1]['colour'], held_out[1]['shape'], held_out[1]['object']))
+  held_out, held_out_labels = _load_split(root, 'qa', v.image_size, v.patch_size)
+  acc = accuracy(params, held_out, tuple(held_out_labels[k] for k in LABEL_KINDS))
   log('vision warm-up: held-out patch accuracy colour {:.4f}, shape {:.4f}, object {:.4f}'.format(*acc))
   full = jax.device_get(init_params(model_config, jax.random.key(cfg.seed)))
   full['vision_tower'] = jax.device_get(params['vision_tower'])
   checkpoint.save_model(out, model_config, full)
   if jax.process_index() == 0:
     losses = [float(x) for x in jax.device_get(losses)]
-    _write_json({'held_out_patch_accuracy': dict(zip(('colour', 'shape', 'object'), acc)), 'steps': cfg.steps,
+    _write_json({'held_out_patch_accuracy': dict(zip(LABEL_KINDS, acc)), 'steps': cfg.steps,
                  'first_loss': losses[0], 'last_loss': losses[-1]},
                 os.path.join(workdir, 'vision_warmup', 'metrics.json'))
   return out
