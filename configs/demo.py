@@ -81,7 +81,7 @@ def get_config(arg=None):
                           vision_from=vision, llm_from='{workdir}/warmup/model')
   # 64 tokens hold the 4 image tokens, the system prompt and a conversation's first turn (later turns are cut;
   # the data pipeline counts the truncated records and the log reports them).
-  c.stages.stage2 = stage('demo_stage2', 'vicuna_v1', 64, 32, steps(2000), 3e-3, common.STAGE2_TRAINABLE,
+  c.stages.stage2 = stage('demo_stage2', 'vicuna_v1', 64, 32, steps(2000), 2e-3, common.STAGE2_TRAINABLE,
                           vision_from=vision, llm_from='{workdir}/warmup/model',
                           projector_from='{workdir}/stage1/model')
   c.stage_order = ('warmup', 'stage1', 'stage2')
