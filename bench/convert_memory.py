@@ -68,7 +68,7 @@ def write_checkpoint(path: str, config: LlavaConfig, shard_gb: float) -> int:
 
 # Each step runs in a fresh interpreter: imports first, RSS noted, then the step, then its peak RSS (ru_maxrss).
 PRELUDE = """
-import json, resource, sys, psutil, jax, torch, transformers, llava_jax.convert, llava_jax.checkpoint
+import json, resource, sys, psutil, jax, torch, transformers, llava_jax.convert, llava_jax.model_dir
 transformers.LlavaConfig, transformers.AutoTokenizer  # resolve the lazy imports (they pull in torch)
 jax.devices()
 before = psutil.Process().memory_info().rss

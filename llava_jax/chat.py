@@ -31,7 +31,7 @@ class ChatSession:
 
   def set_image(self, path: str) -> None:
     """Loads the image (raises FileNotFoundError / OSError naming the path) and starts a new conversation."""
-    from llava_jax.eval.predict import load_pixels
+    from llava_jax.inference import load_pixels
     self.pixels = load_pixels(self.im, path)
     self.image_path = path
     self.turns = []
@@ -41,7 +41,7 @@ class ChatSession:
 
   def ask(self, text: str, write) -> str:
     """Adds a user turn, streams the answer through write(str), records it in the history; returns it."""
-    from llava_jax.eval.predict import generate_batch, prompt_ids
+    from llava_jax.inference import generate_batch, prompt_ids
     if not self.turns and self.pixels is not None:
       text = conversation.IMAGE_TOKEN + '\n' + text
     messages = self.turns + [{'from': 'human', 'value': text}]
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
   if args.image is not None and not os.path.isfile(args.image):  # before the slow imports and model load
     print(f'error: image not found: {args.image}', file=sys.stderr)
     return 2
-  from llava_jax.eval.predict import load_inference_model
+  from llava_jax.inference import load_inference_model
   from llava_jax.generate import SamplingParams
   try:
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k)

@@ -3,7 +3,7 @@
   python tests/multihost_worker.py RECORD_DIR [python -m llava_jax.train arguments...]
 
 The worker runs `llava_jax.train.__main__.main` unchanged (the same start-up from LLAVA_* env or flags, data
-sharding, checkpointing and logging as a cluster job) and records which dataset records this process read
+sharding, checkpoints and logging as a cluster job) and records which dataset records this process read
 (`RECORD_DIR/process_<i>.jsonl`, the record ids of each batch).
 """
 from __future__ import annotations

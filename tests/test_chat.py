@@ -7,9 +7,8 @@ import sys
 
 import pytest
 
-from llava_jax import chat, checkpoint
+from llava_jax import chat, inference, model_dir
 from llava_jax.data import conversation
-from llava_jax.eval import predict
 from llava_jax.generate import SamplingParams
 from test_predict import random_params, save_tiny_model, tiny_config, tiny_tokenizer, write_image
 
@@ -27,9 +26,9 @@ def env(tmp_path_factory):
 
 
 def _expected(im, image, question):
-  pix = predict.load_pixels(im, str(image))
-  ids = predict.prompt_ids(im, [{'from': 'human', 'value': '<image>\n' + question}])
-  out = predict.generate_batch(im, [ids], [pix], max_new_tokens=MAX_NEW, sampling=SamplingParams())
+  pix = inference.load_pixels(im, str(image))
+  ids = inference.prompt_ids(im, [{'from': 'human', 'value': '<image>\n' + question}])
+  out = inference.generate_batch(im, [ids], [pix], max_new_tokens=MAX_NEW, sampling=SamplingParams())
   return out.texts[0].strip()
 
 
@@ -46,7 +45,7 @@ def test_chat_session_over_stdin(env):
   prompts = [json.loads(p) for p in re.findall(r'\[prompt: \d+ tokens\] (.*)', proc.stderr)]
   assert len(replies) == 4 and len(prompts) == 4  # '/quit' ended the session before 'never read'
 
-  im = predict.load_inference_model(str(env / 'model'))
+  im = inference.load_inference_model(str(env / 'model'))
   assert replies[0] == _expected(im, env / '0.png', 'what is in the image ?')
   assert replies[2] == _expected(im, env / '1.png', 'what is in the image ?')
   assert replies[0] != replies[2]  # the new image is used
@@ -70,7 +69,7 @@ def test_missing_image_at_start(env, capsys):
 def test_checkpoint_tokenizer_mismatch(env, tmp_path, capsys):
   tok = tiny_tokenizer(with_image_token=False)
   config = tiny_config(image_token_id=36)
-  checkpoint.save_model(str(tmp_path / 'm'), config, random_params(config), tokenizer=tok)
+  model_dir.save_model(str(tmp_path / 'm'), config, random_params(config), tokenizer=tok)
   assert chat.main(['--checkpoint', str(tmp_path / 'm')]) == 2
   assert "the tokenizer has no '<image>' token" in capsys.readouterr().err
   assert chat.main(['--checkpoint', str(tmp_path / 'absent')]) == 2

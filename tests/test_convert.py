@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-from llava_jax.checkpoint import load_model
+from llava_jax.model_dir import load_model
 from llava_jax.convert import (CheckpointMismatchError, export_hf_llava, load_hf_clip, load_hf_llama, load_hf_llava)
 from llava_jax.convert.__main__ import main as cli
 from llava_jax.convert.hf_config import llava_from_hf
@@ -393,10 +393,10 @@ def test_cli_import_then_export_with_tokenizer(ref, tmp_path, capsys):
   model, path, ours, params = ref
   out, hf_out = str(tmp_path / 'ours'), str(tmp_path / 'hf')
   cli(['import-hf', path, out, '--template', 'llava_v1'])
-  config, restored, tokenizer, template = load_model(out)
-  assert config == ours.config and template == 'llava_v1'
-  assert_trees_equal(jax.device_get(restored), params)
-  assert tokenizer.convert_tokens_to_ids('<image>') == 100
+  m = load_model(out)
+  assert m.config == ours.config and m.template == 'llava_v1'
+  assert_trees_equal(jax.device_get(m.params), params)
+  assert m.tokenizer.convert_tokens_to_ids('<image>') == 100
   cli(['export-hf', out, hf_out])
   reloaded, info = transformers.LlavaForConditionalGeneration.from_pretrained(hf_out, output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys']
@@ -415,10 +415,10 @@ def test_cli_original_release_adds_image_token(ref, clip_dir_of_ref, tmp_path):
   model = ref[0]
   path = original_release_dir(tmp_path / 'orig', model, clip_dir_of_ref, tokenizer=word_tokenizer(128, False))
   cli(['import-hf', path, str(tmp_path / 'ours'), '--dtype', 'bfloat16'])
-  config, restored, tokenizer, _ = load_model(str(tmp_path / 'ours'))
-  assert (config.image_token_id, config.text.vocab_size, config.param_dtype) == (128, 192, 'bfloat16')
-  assert tokenizer.convert_tokens_to_ids('<image>') == 128
-  assert restored['language_model']['embed_tokens']['embedding'].dtype == jax.numpy.bfloat16
+  m = load_model(str(tmp_path / 'ours'))
+  assert (m.config.image_token_id, m.config.text.vocab_size, m.config.param_dtype) == (128, 192, 'bfloat16')
+  assert m.tokenizer.convert_tokens_to_ids('<image>') == 128
+  assert m.params['language_model']['embed_tokens']['embedding'].dtype == jax.numpy.bfloat16
 
 
 def test_cli_help(capsys):

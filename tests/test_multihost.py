@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from llava_jax import checkpoint
+from llava_jax import model_dir
 from llava_jax import config as config_lib
 from llava_jax.data.pipeline import epoch_order
 from llava_jax.train import trainer
@@ -100,8 +100,8 @@ def records(record_dir, process) -> list[list[int]]:
 
 
 def exported(workdir):
-  config, _ = checkpoint.load_config(os.path.join(workdir, 'model'))
-  return jax.device_get(checkpoint.load_params(os.path.join(workdir, 'model'), config))
+  config, _ = model_dir.load_config(os.path.join(workdir, 'model'))
+  return jax.device_get(model_dir.load_params(os.path.join(workdir, 'model'), config))
 
 
 def complete_steps(workdir) -> list[int]:

@@ -10,7 +10,7 @@ import transformers
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from llava_jax import checkpoint
+from llava_jax import inference, model_dir
 from llava_jax.data import conversation, tokenize
 from llava_jax.eval import predict, scienceqa
 from llava_jax.generate import SamplingParams
@@ -59,7 +59,7 @@ def save_tiny_model(path, seed=2, std=0.1):
   """A random model whose answers differ between the test prompts (many seeds give one answer for all)."""
   tok = tiny_tokenizer()
   config = tiny_config(tok.convert_tokens_to_ids(conversation.IMAGE_TOKEN))
-  checkpoint.save_model(str(path), config, random_params(config, seed, std), tokenizer=tok, template='vicuna_v1')
+  model_dir.save_model(str(path), config, random_params(config, seed, std), tokenizer=tok, template='vicuna_v1')
   return path
 
 
@@ -83,7 +83,7 @@ def env(tmp_path_factory):
                {'question_id': 'q5', 'image': '1.png', 'text': 'what is in the image ?'}]
   with open(root / 'questions.jsonl', 'w') as f:
     f.writelines(json.dumps(q) + '\n' for q in questions)
-  im = predict.load_inference_model(str(model_dir))
+  im = inference.load_inference_model(str(model_dir))
   return dict(root=root, model_dir=model_dir, questions=questions, im=im)
 
 
@@ -110,9 +110,9 @@ def test_answers_equal_single_generation_and_resume(env):
   for q in env['questions']:
     if q['question_id'] not in answers:
       continue
-    pix = predict.load_pixels(im, str(root / 'images' / q['image'])) if 'image' in q else None
+    pix = inference.load_pixels(im, str(root / 'images' / q['image'])) if 'image' in q else None
     prompt = answers[q['question_id']]['prompt']
-    single = predict.generate_batch(im, [predict.prompt_ids(im, [{'from': 'human', 'value': prompt}])], [pix],
+    single = inference.generate_batch(im, [inference.prompt_ids(im, [{'from': 'human', 'value': prompt}])], [pix],
                                     max_new_tokens=12, sampling=SamplingParams(), batch_size=1)
     assert answers[q['question_id']]['text'] == single.texts[0].strip()
   assert len({a['text'] for a in answers.values()}) == 5  # q0 and q5 differ only in their image
@@ -132,16 +132,16 @@ def test_answers_equal_single_generation_and_resume(env):
 def test_tokenizer_mismatch_errors(env, tmp_path):
   config = env['im'].config
   with pytest.raises(ValueError, match="no '<image>' token"):
-    predict.check_tokenizer(tiny_tokenizer(with_image_token=False), config, 'x')
+    model_dir.check_tokenizer(tiny_tokenizer(with_image_token=False), config, 'x')
   with pytest.raises(ValueError, match='model expects 5'):
-    predict.check_tokenizer(tiny_tokenizer(), config.replace(image_token_id=5), 'x')
+    model_dir.check_tokenizer(tiny_tokenizer(), config.replace(image_token_id=5), 'x')
   tok = tiny_tokenizer()
   tok.add_tokens([f'extra{i}' for i in range(5)])  # 42 entries; `<image>` keeps id 36
   small = config.replace(text=dataclasses.replace(config.text, vocab_size=40))
   with pytest.raises(ValueError, match='42 tokens but the model vocabulary is 40'):
-    predict.check_tokenizer(tok, small, 'x')
+    model_dir.check_tokenizer(tok, small, 'x')
   with pytest.raises(FileNotFoundError, match='neither'):
-    predict.load_inference_model(str(tmp_path))
+    inference.load_inference_model(str(tmp_path))
 
 
 def test_scienceqa_predict_then_score(env, capsys):
@@ -179,10 +179,10 @@ def test_hf_directory_answers_like_the_exported_model(env, tmp_path):
   from llava_jax.convert.flax_to_hf import export_hf_llava
   im = env['im']
   export_hf_llava(str(tmp_path / 'hf'), im.config, im.sampler.params, tokenizer=im.tokenizer)
-  hf = predict.load_inference_model(str(tmp_path / 'hf'))
-  assert hf.template == predict.DEFAULT_TEMPLATE and hf.config.image_token_id == im.config.image_token_id
-  pix = predict.load_pixels(im, str(env['root'] / 'images' / '0.png'))
+  hf = inference.load_inference_model(str(tmp_path / 'hf'))
+  assert hf.template == inference.DEFAULT_TEMPLATE and hf.config.image_token_id == im.config.image_token_id
+  pix = inference.load_pixels(im, str(env['root'] / 'images' / '0.png'))
   messages = [{'from': 'human', 'value': '<image>\nwhat is in the image ?'}]
-  texts = [predict.generate_batch(m, [predict.prompt_ids(m, messages)], [pix], max_new_tokens=12,
+  texts = [inference.generate_batch(m, [inference.prompt_ids(m, messages)], [pix], max_new_tokens=12,
                                   sampling=SamplingParams()).texts[0] for m in (im, hf)]
   assert texts[0] == texts[1] and texts[0]

@@ -11,10 +11,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
-from llava_jax import checkpoint, sharding
+from llava_jax import model_dir, sharding
 from llava_jax.models import presets
 from llava_jax.models.llava import abstract_params
-from llava_jax.train import checkpointing, partition
+from llava_jax.train import partition, resume
 from llava_jax.train import optim as optim_lib
 from llava_jax.train import setup as setup_lib
 from llava_jax.train.step import TrainState
@@ -66,7 +66,7 @@ def saved_training_checkpoint(request, tmp_path_factory):
   stage = request.param
   state = random_like(abstract_state(stage, 'fsdp8'))
   directory = str(tmp_path_factory.mktemp(f'ckpt_{stage}'))
-  ckpts = checkpointing.Checkpoints(directory, keep=1, async_save=True)
+  ckpts = resume.Checkpoints(directory, keep=1, async_save=True)
   ckpts.save(3, state, {'inner': {'next_index': 3}})
   ckpts.close()
   return stage, directory, jax.device_get(state)
@@ -76,7 +76,7 @@ def saved_training_checkpoint(request, tmp_path_factory):
 def test_training_checkpoint_restores_on_another_mesh(saved_training_checkpoint, target):
   stage, directory, original = saved_training_checkpoint
   abstract = abstract_state(stage, target)
-  ckpts = checkpointing.Checkpoints(directory, keep=1, async_save=True)
+  ckpts = resume.Checkpoints(directory, keep=1, async_save=True)
   try:
     assert ckpts.latest_step() == 3
     restored, data_state = ckpts.restore(3, abstract)
@@ -95,14 +95,14 @@ def test_exported_model_restores_on_another_mesh(tmp_path):
                           abstract_params(MODEL), setup_lib.param_shardings(MODEL, written_on))
   params = random_like(abstract, seed=1)
   assert any(x.sharding.spec != P() for x in jax.tree.leaves(params))  # really sharded when written
-  checkpoint.save_model(str(tmp_path / 'model'), MODEL, params, template='vicuna_v1')
+  model_dir.save_model(str(tmp_path / 'model'), MODEL, params, template='vicuna_v1')
   original = jax.device_get(params)
   target = setup_lib.param_shardings(MODEL, mesh('data2_tensor4'))
-  config, restored, tokenizer, template = checkpoint.load_model(str(tmp_path / 'model'), shardings=target)
-  assert config == MODEL and template == 'vicuna_v1' and tokenizer is None
-  assert_same(restored, original, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+  m = model_dir.load_model(str(tmp_path / 'model'), shardings=target)
+  assert m.config == MODEL and m.template == 'vicuna_v1' and m.tokenizer is None
+  assert_same(m.params, original, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                                abstract_params(MODEL), target))
-  _, single, _, _ = checkpoint.load_model(str(tmp_path / 'model'))
+  single = model_dir.load_model(str(tmp_path / 'model')).params
   for r, o in zip(jax.tree.leaves(single), jax.tree.leaves(original)):
     np.testing.assert_array_equal(np.asarray(r), o)
     assert len(r.sharding.device_set) == 1

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from llava_jax import checkpoint
+from llava_jax import model_dir
 from llava_jax import config as config_lib
 from llava_jax.eval import demo_qa
 from llava_jax.train import demo as demo_lib
@@ -46,8 +46,8 @@ def demo_run(tmp_path_factory):
 
 
 def _params(path):
-  config, _ = checkpoint.load_config(path)
-  return partition.flatten(jax.device_get(checkpoint.load_params(path, config)))
+  config, _ = model_dir.load_config(path)
+  return partition.flatten(jax.device_get(model_dir.load_params(path, config)))
 
 
 def test_demo_pipeline_runs_every_stage_and_writes_results(demo_run):

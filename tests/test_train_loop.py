@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_jax import checkpoint
+from llava_jax import model_dir
 from llava_jax import config as config_lib
 from llava_jax.train import trainer
 
@@ -93,8 +93,8 @@ def load(dataset, workdir, **extra):
 
 
 def exported_params(workdir):
-  config, _ = checkpoint.load_config(os.path.join(workdir, 'model'))
-  return jax.device_get(checkpoint.load_params(os.path.join(workdir, 'model'), config))
+  config, _ = model_dir.load_config(os.path.join(workdir, 'model'))
+  return jax.device_get(model_dir.load_params(os.path.join(workdir, 'model'), config))
 
 
 @pytest.fixture(scope='module')
@@ -123,9 +123,9 @@ def test_kill_and_resume_equals_uninterrupted_run(dataset, uninterrupted, tmp_pa
 
 def test_export_and_metrics(uninterrupted, dataset):
   workdir, full = uninterrupted
-  config, template = checkpoint.load_config(os.path.join(workdir, 'model'))
+  config, template = model_dir.load_config(os.path.join(workdir, 'model'))
   assert template == 'vicuna_v1' and config.image_token_id == dataset[2]
-  assert checkpoint.load_tokenizer(os.path.join(workdir, 'model')).convert_tokens_to_ids('<image>') == dataset[2]
+  assert model_dir.load_tokenizer(os.path.join(workdir, 'model')).convert_tokens_to_ids('<image>') == dataset[2]
   records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   assert [r['loss'] for r in records] == full['losses']
   logged = [r for r in records if 'mfu' in r]

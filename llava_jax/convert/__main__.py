@@ -18,36 +18,31 @@ def log(msg: str) -> None:
   print(f'[{time.time() - _T0:7.1f}s] {msg}', file=sys.stderr, flush=True)
 
 
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json')
-
-
-def find_tokenizer(path: str):
-  """The HF tokenizer stored in `path`, or None when the directory has none."""
-  if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+def _tokenizer_for(args, config, original: bool):
+  """The tokenizer to store, checked against the model (<image> added for an original release), or None."""
+  from llava_jax import model_dir
+  from llava_jax.data.tokenize import IMAGE_TOKEN
+  tokenizer = None if args.no_tokenizer else model_dir.load_tokenizer(args.tokenizer or args.src)
+  if tokenizer is None:
+    log('no tokenizer found beside the weights (pass --tokenizer DIR to store one)')
     return None
-  import transformers
-  return transformers.AutoTokenizer.from_pretrained(path)
-
-
-def _image_token_of(tokenizer, config, original: bool):
-  """Make sure the tokenizer's <image> is the model's image token (adding it for an original release)."""
-  from llava_jax.data.tokenize import IMAGE_TOKEN, add_image_token
-  if original:
-    got = add_image_token(tokenizer)
-  elif IMAGE_TOKEN in tokenizer.get_added_vocab():
-    got = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-  else:
+  missing = 'add' if original else 'error'
+  if not original and IMAGE_TOKEN not in tokenizer.get_added_vocab():
     log(f'warning: the tokenizer has no {IMAGE_TOKEN!r} token; the model uses id {config.image_token_id}')
-    return
-  if got != config.image_token_id:
-    raise SystemExit(f'error: the tokenizer\'s {IMAGE_TOKEN!r} is id {got} but the model\'s image token is '
-                     f'{config.image_token_id}; pass --image-token-id {got}')
+    missing = 'ignore'
+  try:
+    model_dir.check_tokenizer(tokenizer, config, args.tokenizer or args.src, missing_image_token=missing)
+  except model_dir.TokenizerMismatch as e:
+    got = tokenizer.get_added_vocab().get(IMAGE_TOKEN, config.image_token_id)
+    hint = f'; pass --image-token-id {got}' if got != config.image_token_id else ''
+    raise SystemExit(f'error: {e}{hint}') from None
+  return tokenizer
 
 
 def import_hf(args) -> None:
-  from llava_jax.checkpoint import save_model
   from llava_jax.convert.hf_config import original_projector, read_json
   from llava_jax.convert.hf_to_flax import load_hf_llava
+  from llava_jax.model_dir import save_model
   log(f'reading {args.src}')
   model, params = load_hf_llava(args.src, dtype=args.dtype, vision_tower=args.vision_tower,
                                 mm_projector=args.mm_projector, image_token_id=args.image_token_id, log=log)
@@ -55,14 +50,7 @@ def import_hf(args) -> None:
   raw = read_json(args.src)
   original = bool(args.vision_tower or args.mm_projector or
                   ('text_config' not in raw and original_projector(raw) is not None))
-  tokenizer = None if args.no_tokenizer else find_tokenizer(args.tokenizer or args.src)
-  if tokenizer is not None:
-    _image_token_of(tokenizer, config, original)
-    if len(tokenizer) > config.text.vocab_size:
-      raise SystemExit(f'error: the tokenizer has {len(tokenizer)} tokens but the model vocab is '
-                       f'{config.text.vocab_size}')
-  else:
-    log('no tokenizer found beside the weights (pass --tokenizer DIR to store one)')
+  tokenizer = _tokenizer_for(args, config, original)
   n = sum(x.size for x in _leaves(params))
   log(f'writing {n / 1e6:.1f}M params ({config.param_dtype}) to {args.out}')
   # Orbax deep-copies numpy leaves before its async write by default: a second host copy of a 7B model. Nothing
@@ -81,15 +69,16 @@ def _leaves(tree):
 
 
 def export_hf(args) -> None:
-  from llava_jax.checkpoint import load_model
+  from llava_jax import model_dir
   from llava_jax.convert.flax_to_hf import export_hf_llava
   log(f'reading {args.src}')
-  config, params, tokenizer, _ = load_model(args.src)
-  if args.tokenizer:
-    tokenizer = find_tokenizer(args.tokenizer)
-    if tokenizer is None:
-      raise SystemExit(f'error: --tokenizer {args.tokenizer} holds no tokenizer files ({", ".join(TOKENIZER_FILES)})')
-  export_hf_llava(args.out, config, params, tokenizer=tokenizer, dtype=args.dtype,
+  if not model_dir.is_model_dir(args.src):
+    raise SystemExit(f'error: {args.src} is not an exported llava_jax model dir (model_config.json + params/)')
+  try:
+    m = model_dir.load_model(args.src, tokenizer_path=args.tokenizer)
+  except (FileNotFoundError, model_dir.TokenizerMismatch) as e:
+    raise SystemExit(f'error: {e}') from None
+  export_hf_llava(args.out, m.config, m.params, tokenizer=m.tokenizer, dtype=args.dtype,
                   max_shard_bytes=int(args.max_shard_gb * 2**30), log=log)
   log(f'done: {args.out}')
 

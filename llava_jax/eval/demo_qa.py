@@ -35,18 +35,19 @@ def chance_accuracy(items) -> float:
   return float(np.mean([1.0 / len(it['choices']) for it in items])) if items else 0.0
 
 
-def answer_all(model_dir: str, items: list[dict], image_dir: str, *, blind: bool, batch_size: int,
+def answer_all(path: str, items: list[dict], image_dir: str, *, blind: bool, batch_size: int,
                max_new_tokens: int, log: Callable[[str], None] = print) -> list[str]:
   """Greedy answers (decoded text) for every item; images preprocessed like training (or blank when blind)."""
-  from llava_jax import checkpoint
+  from llava_jax import model_dir
   from llava_jax.data.image import blank_image, load_image, preprocess_image
   from llava_jax.data.tokenize import tokenize_prompt
   from llava_jax.generate import Sampler, pad_batch
   from llava_jax.models.llava import Llava
 
-  config, params, tokenizer, template = checkpoint.load_model(model_dir)
-  if tokenizer is None or template is None:
-    raise ValueError(f'{model_dir}: the exported model needs its tokenizer/ and template to be scored')
+  m = model_dir.load_model(path, require_tokenizer=True)
+  if m.template is None:
+    raise ValueError(f'{path}: the exported model needs its template to be scored')
+  config, params, tokenizer, template = m.config, m.params, m.tokenizer, m.template
   size = config.vision.image_size
   sampler = Sampler(Llava(config), params)
   prompts = [tokenize_prompt([{'from': 'human', 'value': '<image>\n' + it['question']}], tokenizer, template,

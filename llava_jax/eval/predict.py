@@ -1,4 +1,4 @@
-"""Load a model for inference and answer a question JSONL in batches (the original release's answers JSONL).
+"""Answer a question JSONL in batches with a model (the original release's answers JSONL).
 
 Questions: one JSON object per line with `question_id`, `text` and optionally `image` (relative to the image
 folder). `<image>\\n` goes in front of the text when there is an image, as the original `model_vqa*` scripts do.
@@ -13,136 +13,11 @@ import os
 import sys
 import time
 import uuid
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
-
-from llava_jax.data import conversation, image as image_lib, tokenize
-from llava_jax.generate import Sampler, SamplingParams, pad_batch
-
-DEFAULT_TEMPLATE = 'vicuna_v1'
-
-
-@dataclasses.dataclass
-class InferenceModel:
-  sampler: Sampler
-  tokenizer: Any
-  template: str
-  image_aspect: str
-  path: str
-
-  @property
-  def config(self):
-    return self.sampler.config
-
-
-def check_tokenizer(tokenizer, config, where: str) -> None:
-  """Raises ValueError when the tokenizer cannot drive this model (no `<image>` token, other id, larger vocab)."""
-  added = tokenizer.get_added_vocab()
-  if conversation.IMAGE_TOKEN not in added:
-    raise ValueError(f'{where}: the tokenizer has no {conversation.IMAGE_TOKEN!r} token; it does not belong to '
-                     f'this LLaVA checkpoint (expected image_token_id {config.image_token_id})')
-  if added[conversation.IMAGE_TOKEN] != config.image_token_id:
-    raise ValueError(f'{where}: tokenizer maps {conversation.IMAGE_TOKEN!r} to id '
-                     f'{added[conversation.IMAGE_TOKEN]} but the model expects {config.image_token_id}: '
-                     'checkpoint/tokenizer mismatch')
-  if len(tokenizer) > config.text.vocab_size:
-    raise ValueError(f'{where}: tokenizer has {len(tokenizer)} tokens but the model vocabulary is '
-                     f'{config.text.vocab_size}: checkpoint/tokenizer mismatch')
-
-
-def load_inference_model(path: str, *, tokenizer_path: Optional[str] = None, template: Optional[str] = None,
-                         image_aspect: Optional[str] = None, dtype: Optional[str] = None,
-                         mesh=None) -> InferenceModel:
-  """An exported llava_jax model dir (`llava_jax.checkpoint`) or an HF LLaVA dir -> InferenceModel.
-
-  Template: argument, else the one saved with the model, else 'vicuna_v1'. Image aspect: argument, else
-  `image_aspect` in model_config.json when present, else 'square'.
-  """
-  from llava_jax import checkpoint  # orbax; imported only when loading
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'checkpoint directory not found: {path}')
-  saved_aspect = None
-  if checkpoint.is_model_dir(path):
-    shardings = None
-    if mesh is not None:  # restore straight onto the mesh rather than through one device
-      from llava_jax import sharding
-      from llava_jax.models.llava import abstract_params, param_logical_axes
-      config = checkpoint.load_config(path)[0]
-      shardings = sharding.logical_to_mesh(param_logical_axes(config), abstract_params(config), mesh)
-    config, params, tokenizer, saved_template = checkpoint.load_model(path, shardings=shardings, dtype=dtype)
-    with open(os.path.join(path, checkpoint.CONFIG_FILE)) as f:
-      saved_aspect = json.load(f).get('image_aspect')
-    from llava_jax.models.llava import Llava
-    model = Llava(config)
-  elif os.path.isfile(os.path.join(path, 'config.json')):
-    from llava_jax.convert.hf_to_flax import load_hf_llava
-    model, params = load_hf_llava(path, dtype=dtype)
-    config, saved_template, tokenizer = model.config, None, None
-    if any(os.path.isfile(os.path.join(path, f)) for f in ('tokenizer.json', 'tokenizer.model')):
-      import transformers
-      tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-  else:
-    raise FileNotFoundError(f'{path} is neither an exported llava_jax model dir (model_config.json + params/) '
-                            'nor an HF LLaVA dir (config.json)')
-  if tokenizer_path is not None:
-    import transformers
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
-  if tokenizer is None:
-    raise ValueError(f'{path} holds no tokenizer; pass one with --tokenizer DIR')
-  check_tokenizer(tokenizer, config, tokenizer_path or path)
-  template = template or saved_template or DEFAULT_TEMPLATE
-  conversation.get_template(template)  # fails early naming the allowed templates
-  image_aspect = image_aspect or saved_aspect or 'square'
-  if image_aspect not in image_lib.ASPECTS:
-    raise ValueError(f'image aspect {image_aspect!r}; allowed: {image_lib.ASPECTS}')
-  return InferenceModel(Sampler(model, params, mesh=mesh), tokenizer, template, image_aspect, path)
-
-
-def stop_strings_for(template: str) -> tuple[str, ...]:
-  """Text that ends an answer besides EOS: the turn separator of `###` / plain templates (as the original)."""
-  t = conversation.get_template(template)
-  if t.style == 'single':
-    return (t.sep,)
-  if t.style == 'plain':
-    return ('\n',)
-  return ()
-
-
-def prompt_ids(im: InferenceModel, messages) -> np.ndarray:
-  """LLaVA JSON turns ending with a user turn -> generation-prompt token ids int32[n]."""
-  return tokenize.tokenize_prompt(messages, im.tokenizer, im.template, im.config.num_image_tokens)
-
-
-def load_pixels(im: InferenceModel, path: str) -> np.ndarray:
-  """Image file -> float32 [H, W, 3] preprocessed for this model."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'image not found: {path}')
-  return image_lib.preprocess_image(image_lib.load_image(path), im.config.vision.image_size, im.image_aspect)
-
-
-def generate_batch(im: InferenceModel, prompts, pixels, *, max_new_tokens: int, sampling: SamplingParams,
-                   seed: int = 0, batch_size: Optional[int] = None, stream=None, pad_multiple: int = 64):
-  """Token-id prompts (+ per-prompt pixels or None) -> GenerateOutput for the real prompts.
-
-  Prompts are left-padded to a multiple of `pad_multiple` and the batch is filled up to `batch_size` with copies
-  of the first prompt, so a run compiles only a few shapes.
-  """
-  n = len(prompts)
-  batch_size = max(batch_size or n, n)
-  prompts = list(prompts) + [prompts[0]] * (batch_size - n)
-  pixels = list(pixels) + [pixels[0]] * (batch_size - n)
-  tok = im.tokenizer
-  pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-  ids, mask = pad_batch(prompts, pad_id, pad_multiple)
-  size = im.config.vision.image_size
-  pixel_values = np.stack([p if p is not None else image_lib.blank_image(size) for p in pixels])
-  out = im.sampler(ids, mask, pixel_values, max_new_tokens=max_new_tokens, sampling=sampling,
-                   eos_token_id=tok.eos_token_id, pad_token_id=pad_id, stop_strings=stop_strings_for(im.template),
-                   tokenizer=tok, seed=seed, stream=stream)
-  out.tokens, out.lengths = out.tokens[:n], out.lengths[:n]
-  out.finish_reasons, out.texts = out.finish_reasons[:n], out.texts[:n]
-  return out
+from llava_jax.data import conversation
+from llava_jax.generate import SamplingParams
+from llava_jax.inference import InferenceModel, generate_batch, load_inference_model, load_pixels, prompt_ids
 
 
 def read_questions(path: str) -> list[dict]:

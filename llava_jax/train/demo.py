@@ -163,13 +163,13 @@ def warmup_vision(cfg, model_config, workdir: str, log: Callable[[str], None] = 
   import flax.linen as nn
   import optax
 
-  from llava_jax import checkpoint
+  from llava_jax import model_dir
   from llava_jax.models.clip import CLIPVisionTower
   from llava_jax.models.llava import init_params
   from llava_jax.train.optim import lr_schedule
 
   out = os.path.join(workdir, 'vision_warmup', 'model')
-  if checkpoint.is_model_dir(out):
+  if model_dir.is_model_dir(out):
     log(f'vision warm-up: {out} exists; nothing to do')
     return out
   v = model_config.vision
@@ -226,7 +226,7 @@ def warmup_vision(cfg, model_config, workdir: str, log: Callable[[str], None] = 
   log('vision warm-up: held-out patch accuracy colour {:.4f}, shape {:.4f}, object {:.4f}'.format(*acc))
   full = jax.device_get(init_params(model_config, jax.random.key(cfg.seed)))
   full['vision_tower'] = jax.device_get(params['vision_tower'])
-  checkpoint.save_model(out, model_config, full)
+  model_dir.save_model(out, model_config, full)
   if jax.process_index() == 0:
     losses = [float(x) for x in jax.device_get(losses)]
     _write_json({'held_out_patch_accuracy': dict(zip(LABEL_KINDS, acc)), 'steps': cfg.steps,

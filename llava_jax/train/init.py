@@ -2,26 +2,24 @@
 
 Order: `model_from` (all modules), then `vision_from` (vision_tower), `llm_from` (language_model) and
 `projector_from` (projector, e.g. the stage-1 export). Each source is an exported model directory
-(`llava_jax.checkpoint`) or a HF directory (`llava_jax.convert`). Shapes must match the configured model, except
+or a HF directory, read by `llava_jax.model_dir.read_params`. Shapes must match the configured model, except
 the vocabulary: a checkpoint with fewer rows (e.g. Vicuna's 32000 vs LLaVA's 32064 with the image token) fills
 the first rows and the new rows keep their random init, as HF's resize_token_embeddings does.
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llava_jax import checkpoint
+from llava_jax import model_dir
 from llava_jax.models.config import LlavaConfig
 from llava_jax.models.llava import init_params
 from llava_jax.train import partition
 
-MODULES = ('vision_tower', 'projector', 'language_model')
-SOURCES = (('model_from', MODULES), ('vision_from', ('vision_tower',)), ('llm_from', ('language_model',)),
+SOURCES = (('model_from', model_dir.MODULES), ('vision_from', ('vision_tower',)), ('llm_from', ('language_model',)),
            ('projector_from', ('projector',)))
 VOCAB_LEAVES = ('language_model/embed_tokens/embedding', 'language_model/lm_head/kernel')
 
@@ -36,45 +34,6 @@ def random_split(model_config: LlavaConfig, mask, abstract_trainable, abstract_f
     return cast(trainable, abstract_trainable), cast(frozen, abstract_frozen)
 
   return jax.jit(make, out_shardings=shardings)(jax.random.key(seed))
-
-
-def _read_exported(path: str):
-  config, _ = checkpoint.load_config(path)
-  return checkpoint.load_params(path, config)
-
-
-def _read_hf(path: str, modules) -> Any:
-  """A HF directory: a whole LLaVA, a CLIP vision model or a LLaMA causal LM."""
-  from llava_jax import convert  # heavy (torch-free, but reads large files): only when asked for
-  if modules == ('vision_tower',) and not _is_hf_llava(path):
-    return {'vision_tower': convert.load_hf_clip(path)[1]}
-  if modules == ('language_model',) and not _is_hf_llava(path):
-    return {'language_model': convert.load_hf_llama(path)[1]}
-  return convert.load_hf_llava(path)[1]
-
-
-def _is_hf_llava(path: str) -> bool:
-  import json
-  cfg = os.path.join(path, 'config.json')
-  if not os.path.isfile(cfg):
-    return False
-  with open(cfg) as f:
-    return json.load(f).get('model_type') == 'llava'
-
-
-def read_source(path: str, modules) -> dict[str, Any]:
-  """Param subtrees {module: tree} of `modules` from an exported or HF directory."""
-  if checkpoint.is_model_dir(path):
-    params = _read_exported(path)
-  elif os.path.isfile(os.path.join(path, 'config.json')):
-    params = _read_hf(path, tuple(modules))
-  else:
-    raise FileNotFoundError(f'{path} is neither an exported llava_jax model (model_config.json + params/) nor a '
-                            'HF model directory (config.json)')
-  missing = [m for m in modules if m not in params]
-  if missing:
-    raise ValueError(f'{path} has no {missing} params')
-  return {m: params[m] for m in modules}
 
 
 def _place(value, target, path: str, source: str):
@@ -105,7 +64,7 @@ def initial_params(init, model_config: LlavaConfig, mask, abstract_trainable, ab
     path = init[key]
     if path is None:
       continue
-    parts = read_source(path, modules)
+    parts = model_dir.read_params(path, modules)
     for module, tree in parts.items():
       got = set()
       for leaf_path, value in partition.flatten(tree).items():
@@ -121,7 +80,7 @@ def initial_params(init, model_config: LlavaConfig, mask, abstract_trainable, ab
                          f'{missing[:3]}')
       loaded.add(module)
       log(f'init: {module} <- {path} (init.{key})')
-  for module in MODULES:
+  for module in model_dir.MODULES:
     if module not in loaded:
       log(f'init: {module} random (seed {seed})')
   return partition.unflatten(flat_t), partition.unflatten(flat_f)

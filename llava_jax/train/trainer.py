@@ -2,7 +2,7 @@
 
     summary = train(config, workdir)        # config: a validated stage config (configs/common.py)
 
-Work directory: `checkpoints/` (resumable, see checkpointing.py), `metrics.jsonl`, `tensorboard/`, `config.json`,
+Work directory: `checkpoints/` (resumable, see resume.py), `metrics.jsonl`, `tensorboard/`, `config.json`,
 and at the end `model/` (the exported model: params in `model.param_dtype`, tokenizer, template). Rerunning
 with the same work directory resumes from the latest checkpoint, bit-exactly on CPU.
 """
@@ -15,14 +15,12 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from llava_jax import checkpoint as export_lib
 from llava_jax import config as config_lib
-from llava_jax import distributed
+from llava_jax import distributed, model_dir
 from llava_jax import sharding
 from llava_jax.data.pipeline import make_pipeline
-from llava_jax.data.tokenize import add_image_token
 from llava_jax.models.llava import abstract_params
-from llava_jax.train import checkpointing, flops, metrics, partition
+from llava_jax.train import flops, metrics, partition, resume
 from llava_jax.train import init as init_lib
 from llava_jax.train import setup as setup_lib
 
@@ -31,25 +29,18 @@ class TrainingDiverged(RuntimeError):
   """A non-finite loss or gradient (nan_policy='stop', or too many skipped steps in a row)."""
 
 
-def load_tokenizer(path: str):
-  """HF tokenizer directory, or an exported model directory (its `tokenizer/`)."""
-  import transformers
-  if export_lib.is_model_dir(path):
-    tok = export_lib.load_tokenizer(path)
-    if tok is None:
-      raise FileNotFoundError(f'data.tokenizer={path}: exported model without a tokenizer/ folder')
-    return tok
-  return transformers.AutoTokenizer.from_pretrained(path)
-
-
-def check_tokenizer(tokenizer, model_config, path: str) -> None:
-  image_id = add_image_token(tokenizer)
-  if image_id != model_config.image_token_id:
-    raise config_lib.ConfigError(f'model.image_token_id={model_config.image_token_id} but the tokenizer '
-                                 f'{path} has <image> = {image_id}')
-  if len(tokenizer) > model_config.text.vocab_size:
-    raise config_lib.ConfigError(f'model.text.vocab_size={model_config.text.vocab_size} is smaller than the '
-                                 f'tokenizer {path} ({len(tokenizer)} tokens with <image>)')
+def load_tokenizer(path: str, model_config):
+  """`data.tokenizer` (HF tokenizer dir or exported model dir), `<image>` added when missing, checked against the
+  model."""
+  tokenizer = model_dir.load_tokenizer(path)
+  if tokenizer is None:
+    raise config_lib.ConfigError(f'data.tokenizer={path}: no tokenizer there (a HF tokenizer dir, or an exported '
+                                 'model dir with tokenizer/)')
+  try:
+    model_dir.check_tokenizer(tokenizer, model_config, f'data.tokenizer={path}', missing_image_token='add')
+  except model_dir.TokenizerMismatch as e:
+    raise config_lib.ConfigError(f'{e} (model.image_token_id, model.text.vocab_size)') from None
+  return tokenizer
 
 
 def _write_config(config, workdir: str) -> None:
@@ -59,7 +50,7 @@ def _write_config(config, workdir: str) -> None:
       f.write(config.to_json(indent=2))
 
 
-def _preemption_requested(flag: checkpointing.PreemptionFlag) -> bool:
+def _preemption_requested(flag: resume.PreemptionFlag) -> bool:
   """Every process must stop at the same step: agree on the flag across processes."""
   if jax.process_count() == 1:
     return flag.is_set
@@ -74,7 +65,7 @@ def _export(config, model_config, setup, state, frozen, tokenizer, workdir: str,
   params = jax.tree.map(lambda x: x.astype(dtype), partition.merge(state.params, frozen))
   out = os.path.join(workdir, 'model')
   if config.export.model:
-    export_lib.save_model(out, model_config, params, tokenizer=tokenizer, template=config.data.template,
+    model_dir.save_model(out, model_config, params, tokenizer=tokenizer, template=config.data.template,
                           image_aspect=config.data.image_aspect)
     log(f'exported model ({model_config.param_dtype}) to {out}')
   if config.export.hf_dir:
@@ -101,8 +92,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
       f'{jax.process_count()} process(es)')
 
   # --- data: this process's rows of every global batch ---------------------------------------------------
-  tokenizer = load_tokenizer(config.data.tokenizer)
-  check_tokenizer(tokenizer, model_config, config.data.tokenizer)
+  tokenizer = load_tokenizer(config.data.tokenizer, model_config)
   d = config.data
   fixed_steps = config.train.steps > 0  # explicit step count: the data repeats as long as needed
   # Processes holding the same rows (e.g. tensor parallelism across hosts) read the same shard.
@@ -121,17 +111,17 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
       f'{total_steps} steps')
 
   # --- restore point -----------------------------------------------------------------------------------------
-  ckpts = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
+  ckpts = resume.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)
   latest = ckpts.latest_step()
   finished = latest is not None and latest >= total_steps
-  model_dir = os.path.join(workdir, 'model')
-  if finished and (export_lib.is_model_dir(model_dir) or not config.export.model) and not config.export.hf_dir:
+  export_dir = os.path.join(workdir, 'model')
+  if finished and (model_dir.is_model_dir(export_dir) or not config.export.model) and not config.export.hf_dir:
     ckpts.close()
     getattr(data, 'close', lambda: None)()
     log(f'{workdir}: already trained ({latest} steps) and exported; nothing to do')
     return {'status': 'completed', 'step': latest, 'total_steps': total_steps, 'losses': [],
-            'model_dir': model_dir if config.export.model else None}
+            'model_dir': export_dir if config.export.model else None}
 
   # --- model, optimizer and the compiled step -----------------------------------------------------------
   t0 = time.perf_counter()
@@ -169,7 +159,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   last_saved = latest
   window_t, window_steps = time.perf_counter(), 0
   try:
-    with checkpointing.PreemptionFlag() as preempt:
+    with resume.PreemptionFlag() as preempt:
       while step < total_steps:
         try:
           local = next(data)
@@ -219,12 +209,12 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
     ckpts.close()
     getattr(data, 'close', lambda: None)()
 
-  model_dir = None
+  exported = None
   if status == 'completed':
     stats = data.stats() if hasattr(data, 'stats') else {}
     if stats:
       log(f'data: {stats.get("rows", 0)} rows read this run, {stats.get("truncated", 0)} truncated, '
           f'{stats.get("dropped", 0)} dropped (did not fit max_length), pad fraction '
           f'{stats.get("pad_fraction", 0.0):.2f}')
-    model_dir = _export(config, model_config, setup, state, frozen, tokenizer, workdir, log)
-  return {'status': status, 'step': step, 'total_steps': total_steps, 'losses': losses, 'model_dir': model_dir}
+    exported = _export(config, model_config, setup, state, frozen, tokenizer, workdir, log)
+  return {'status': status, 'step': step, 'total_steps': total_steps, 'losses': losses, 'model_dir': exported}

@@ -3,7 +3,7 @@
 Each checkpoint holds `state` (step, trainable params, optimizer state, rng: enough to continue bit-exactly; frozen
 params are rebuilt from `config.init`) and `data` (every process's input-iterator state, one JSON file per process).
 Saves are asynchronous; the arrays are copied off the device before `save` returns, so the next step may reuse
-(donate) their buffers. The exported model (`llava_jax.checkpoint`) is a separate, final artefact.
+(donate) their buffers. The exported model (`llava_jax/model_dir.py`) is a separate, final artefact.
 """
 from __future__ import annotations
 
