@@ -22,7 +22,7 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from llava_jax.data import synthetic  # noqa: E402
+from llava_jax.demo import synthetic  # noqa: E402
 from llava_jax.data.builder import build_dataset  # noqa: E402
 from llava_jax.data.pipeline import make_pipeline  # noqa: E402
 from llava_jax.data.tokenize import add_image_token  # noqa: E402

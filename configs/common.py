@@ -1,9 +1,14 @@
 """Defaults shared by every training config: the one place they are written down.
 
 A stage config starts from `stage_config()` (locked: a misspelt key fails where it is set) and changes what its
-recipe needs. `llava_jax/config.py` validates the result against its schema at start-up.
+recipe needs. Every key has the type of its default (optional values are typed placeholders), which the
+`--config.KEY=VALUE` overrides of ml_collections.config_flags keep; `llava_jax/train/config_checks.py` checks the
+ranges and the rules between keys at start-up.
 """
 from __future__ import annotations
+
+import dataclasses
+import typing
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -34,7 +39,21 @@ def parse_arg(arg, **defaults):
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
   """The model section: every LlavaConfig field of a preset, so that `--config.model.text.num_layers=4` works."""
-  return ml_collections.ConfigDict(presets.get_model_config(preset, **overrides).to_dict())
+  return _section(presets.get_model_config(preset, **overrides))
+
+
+def _section(obj) -> ml_collections.ConfigDict:
+  """A model dataclass as a ConfigDict; a None field becomes a placeholder of its annotated type."""
+  hints = typing.get_type_hints(type(obj))
+  out = {}
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if dataclasses.is_dataclass(value):
+      value = _section(value)
+    elif value is None:  # Optional[T] -> placeholder(T)
+      value = placeholder(next(t for t in typing.get_args(hints[f.name]) if t is not type(None)))
+    out[f.name] = value
+  return ml_collections.ConfigDict(out)
 
 
 def stage_config(preset: str = 'tiny') -> ml_collections.ConfigDict:

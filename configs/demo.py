@@ -1,11 +1,11 @@
 """The demo: LLaVA's two stages on the built-in synthetic shapes dataset, on a CPU in a few minutes.
 
-  python -m llava_jax.train --config configs/demo.py [--workdir workdir/demo]
+  python -m llava_jax.demo --config configs/demo.py [--workdir workdir/demo] [--config.KEY=VALUE ...]
 
 What it does (everything under the work directory, default workdir/demo):
-  1. data/     draws the dataset (llava_jax.data.synthetic: 1-3 coloured shapes per image; captions, instruction
+  1. data/     draws the dataset (llava_jax.demo.synthetic: 1-3 coloured shapes per image; captions, instruction
                conversations, a held-out QA set), trains its tokenizer, adds balanced short-answer questions
-               to the stage-2 data (llava_jax/train/demo.py) and builds the ArrayRecord datasets.
+               to the stage-2 data (llava_jax/demo/data.py) and builds the ArrayRecord datasets.
   2. vision_warmup/  stands in for CLIP's pretraining, which cannot be downloaded here: the random tiny ViT and
                linear heads learn each 32 px patch's colour and shape from the dataset's boxes (held-out patch
                accuracy in vision_warmup/metrics.json).
@@ -19,6 +19,8 @@ What it does (everything under the work directory, default workdir/demo):
      one: results.json holds accuracy, blind_accuracy and the chance level of the questions.
 Model: ViT 4 x 128 on 64 px with 32 px patches (one per cell of the images' 2 x 2 layout: 4 image tokens),
 LLaMA 2 x 128 with 16 heads, vocabulary 768, fp32. `:scale=0.1` shortens every stage tenfold (a quick smoke run).
+Paths under the work directory are references to `workdir` (ml_collections FieldReferences): `--workdir` moves them
+all; `--config.stages.stage2.init.projector_from=DIR` replaces one.
 """
 import ml_collections
 
@@ -42,12 +44,13 @@ def model():
   return m
 
 
-def stage(dataset, template, max_length, batch, steps, lr, trainable, **init):
+def stage(workdir, dataset, template, max_length, batch, steps, lr, trainable, **init):
+  """`workdir`: a reference to the pipeline's work directory; `init`: init.* paths under it."""
   c = common.stage_config('tiny')
   c.model = model()
   c.mesh.shape = (-1, 1, 1)   # data parallel over whatever devices there are
-  c.data.train_dir = '{workdir}/data/tfds/' + dataset
-  c.data.tokenizer = '{workdir}/data/tokenizer'
+  c.data.train_dir = workdir + '/data/tfds/' + dataset
+  c.data.tokenizer = workdir + '/data/tokenizer'
   c.data.template = template
   c.data.max_length = max_length
   c.data.global_batch_size = batch
@@ -58,8 +61,8 @@ def stage(dataset, template, max_length, batch, steps, lr, trainable, **init):
   c.checkpoint.every_steps = 200
   c.checkpoint.keep = 1
   c.log.every_steps = 20
-  for key, value in init.items():
-    c.init[key] = value
+  for key, path in init.items():
+    c.init[key] = workdir + path
   return c
 
 
@@ -68,23 +71,23 @@ def get_config(arg=None):
   steps = lambda n: max(1, int(n * a['scale']))
   c = ml_collections.ConfigDict()
   c.workdir = 'workdir/demo'
+  w = c.get_ref('workdir')
   c.demo = ml_collections.ConfigDict(dict(num_train_images=3000, num_qa=192, image_size=64, max_objects=3, seed=0,
                                           vocab_size=1024, conversations_per_image=2, num_vqa_train=6000,
                                           stage2_kinds=('conversation',)))
   # Supervised vision warm-up (stands in for CLIP's pretraining): tower + linear heads on per-patch labels.
   c.vision_warmup = ml_collections.ConfigDict(dict(steps=steps(300), lr=3e-3, batch_size=64, seed=0))
-  vision = '{workdir}/vision_warmup/model'
+  vision = '/vision_warmup/model'
   c.stages = ml_collections.ConfigDict()
-  c.stages.warmup = stage('demo_stage1', 'plain', 32, 64, steps(400), 3e-3, common.STAGE2_TRAINABLE,
+  c.stages.warmup = stage(w, 'demo_stage1', 'plain', 32, 64, steps(400), 3e-3, common.STAGE2_TRAINABLE,
                           vision_from=vision)
-  c.stages.stage1 = stage('demo_stage1', 'plain', 32, 32, steps(100), 2e-3, common.STAGE1_TRAINABLE,
-                          vision_from=vision, llm_from='{workdir}/warmup/model')
+  c.stages.stage1 = stage(w, 'demo_stage1', 'plain', 32, 32, steps(100), 2e-3, common.STAGE1_TRAINABLE,
+                          vision_from=vision, llm_from='/warmup/model')
   # 64 tokens hold the 4 image tokens, the system prompt and a conversation's first turn (later turns are cut;
   # the data pipeline counts the truncated records and the log reports them).
-  c.stages.stage2 = stage('demo_stage2', 'vicuna_v1', 64, 32, steps(2000), 2e-3, common.STAGE2_TRAINABLE,
-                          vision_from=vision, llm_from='{workdir}/warmup/model',
-                          projector_from='{workdir}/stage1/model')
+  c.stages.stage2 = stage(w, 'demo_stage2', 'vicuna_v1', 64, 32, steps(2000), 2e-3, common.STAGE2_TRAINABLE,
+                          vision_from=vision, llm_from='/warmup/model', projector_from='/stage1/model')
   c.stage_order = ('warmup', 'stage1', 'stage2')
-  c.eval = ml_collections.ConfigDict(dict(stage='stage2', qa_file='{workdir}/data/qa.json',
-                                          image_dir='{workdir}/data/images', batch_size=64, max_new_tokens=4))
+  c.eval = ml_collections.ConfigDict(dict(stage='stage2', qa_file=w + '/data/qa.json',
+                                          image_dir=w + '/data/images', batch_size=64, max_new_tokens=4))
   return c

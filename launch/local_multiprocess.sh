@@ -3,7 +3,7 @@
 # cluster (jax.distributed, per-process data shards, process 0 writes metrics/checkpoint metadata/progress).
 #
 # Usage: launch/local_multiprocess.sh N [-- COMMAND...]
-#   default COMMAND: python -m llava_jax.train --config configs/demo.py
+#   default COMMAND: python -m llava_jax.demo --config configs/demo.py
 #   e.g. launch/local_multiprocess.sh 2 -- python -m llava_jax.train --config configs/stage2_finetune.py:tiny \
 #          --workdir workdir/mp --config.data.train_dir=... --config.data.tokenizer=...
 # Variables:
@@ -17,7 +17,7 @@ set -uo pipefail
 N=${1:?usage: launch/local_multiprocess.sh N [-- COMMAND...]}
 shift
 [ "${1:-}" = "--" ] && shift
-if [ $# -eq 0 ]; then set -- python -m llava_jax.train --config configs/demo.py; fi
+if [ $# -eq 0 ]; then set -- python -m llava_jax.demo --config configs/demo.py; fi
 DEV=${LLAVA_DEVICES_PER_PROCESS:-4}
 PORT=${LLAVA_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 LOG_DIR=${LLAVA_LOG_DIR:-multiprocess_logs}

@@ -14,12 +14,12 @@ the last complete checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from typing import Optional, Sequence
 
 import jax
+from absl import flags
 
 from llava_jax import sharding
 
@@ -54,19 +54,21 @@ def _device_ids(text: str, where: str) -> list[int]:
     raise ValueError(f'{where}={text!r}: expected comma-separated device ids, e.g. 0,1,2,3') from None
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def define_flags(fv: flags.FlagValues) -> None:
   """--coordinator / --num_processes / --process_id / --local_device_ids (each also settable by env)."""
-  g = parser.add_argument_group('multi-process (not needed on SLURM, Open MPI, TPU pods or a single machine)')
-  g.add_argument('--coordinator', metavar='HOST:PORT', help='address of process 0 (env LLAVA_COORDINATOR)')
-  g.add_argument('--num_processes', type=int, help='number of processes (env LLAVA_NUM_PROCESSES)')
-  g.add_argument('--process_id', type=int, help='this process, 0..num_processes-1 (env LLAVA_PROCESS_ID)')
-  g.add_argument('--local_device_ids', metavar='0,1,..', help='devices this process drives (env LLAVA_LOCAL_DEVICE_IDS)')
+  help_ = ' (multi-process; not needed on SLURM, Open MPI, TPU pods or a single machine)'
+  flags.DEFINE_string('coordinator', None, 'HOST:PORT of process 0 (env LLAVA_COORDINATOR)' + help_, flag_values=fv)
+  flags.DEFINE_integer('num_processes', None, 'number of processes (env LLAVA_NUM_PROCESSES)', flag_values=fv)
+  flags.DEFINE_integer('process_id', None, 'this process, 0..num_processes-1 (env LLAVA_PROCESS_ID)',
+                       flag_values=fv)
+  flags.DEFINE_string('local_device_ids', None, 'devices this process drives, e.g. 0,1 (env LLAVA_LOCAL_DEVICE_IDS)',
+                      flag_values=fv)
 
 
-def from_flags(ns: argparse.Namespace) -> DistributedArgs:
-  ids = getattr(ns, 'local_device_ids', None)
-  return DistributedArgs(coordinator=getattr(ns, 'coordinator', None), num_processes=getattr(ns, 'num_processes', None),
-                         process_id=getattr(ns, 'process_id', None),
+def from_flags(fv: flags.FlagValues) -> DistributedArgs:
+  ids = fv['local_device_ids'].value
+  return DistributedArgs(coordinator=fv['coordinator'].value, num_processes=fv['num_processes'].value,
+                         process_id=fv['process_id'].value,
                          local_device_ids=_device_ids(ids, '--local_device_ids') if ids else None)
 
 

@@ -35,9 +35,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
-  """shape = (data, fsdp, tensor); one entry may be -1 (takes the remaining devices)."""
-  devices = list(jax.devices() if devices is None else devices)
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with a -1 entry resolved to the remaining devices; ValueError when it does not fit."""
   shape = list(shape)
   if len(shape) != 3:
     raise ValueError(f'mesh shape {shape} must have 3 entries for axes {MESH_AXES}')
@@ -45,12 +44,19 @@ def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
     raise ValueError(f'mesh shape {shape}: at most one axis may be -1')
   if -1 in shape:
     rest = math.prod(s for s in shape if s != -1)
-    if len(devices) % rest:
-      raise ValueError(f'mesh shape {shape} does not divide {len(devices)} devices')
-    shape[shape.index(-1)] = len(devices) // rest
-  if math.prod(shape) != len(devices):
+    if num_devices % rest:
+      raise ValueError(f'mesh shape {shape} does not divide {num_devices} devices')
+    shape[shape.index(-1)] = num_devices // rest
+  if math.prod(shape) != num_devices:
     raise ValueError(f'mesh shape {tuple(shape)} (= {math.prod(shape)} devices) does not match the '
-                     f'{len(devices)} available devices')
+                     f'{num_devices} available devices')
+  return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
+  """shape = (data, fsdp, tensor); one entry may be -1 (takes the remaining devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(shape, len(devices))
   try:
     arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
   except Exception:  # odd topologies (or CPU): plain order

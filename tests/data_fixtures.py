@@ -67,7 +67,7 @@ def build_demo_data(root: str, *, num_train: int = 12, image_size: int = 32, max
   """Writes the synthetic demo and builds its stage-2 TFDS dataset. Returns paths + tokenizer."""
   from transformers import AutoTokenizer
   from llava_jax.data.builder import build_dataset
-  from llava_jax.data.synthetic import write_demo
+  from llava_jax.demo.synthetic import write_demo
   meta = write_demo(os.path.join(root, 'demo'), num_train=num_train, num_qa=8, image_size=image_size,
                     max_objects=max_objects, seed=0, progress_every=0)
   report = build_dataset({'train': meta['paths']['stage2']}, meta['paths']['images'], os.path.join(root, 'tfds'),

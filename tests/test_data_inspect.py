@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from data_fixtures import CONV, TEXT_CONV, llama_tokenizer
 from llava_jax.data import inspect as inspect_cli
-from llava_jax.data.synthetic import build_demo_tokenizer
+from llava_jax.demo.synthetic import build_demo_tokenizer
 from llava_jax.data.tokenize import tokenize_conversation
 
 

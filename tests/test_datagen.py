@@ -296,7 +296,7 @@ def test_cli_dry_run_and_errors(coco_files, capsys, tmp_path):
 
 def test_demo_dataset_feeds_instruct(tmp_path):
   """The built-in demo dataset's COCO files are valid `instruct` input, end to end."""
-  from llava_jax.data import synthetic
+  from llava_jax.demo import synthetic
   paths = synthetic.write_demo(str(tmp_path / 'demo'), num_train=3, num_qa=0, image_size=16, tokenizer=False)['paths']
   ctxs, stats = coco.load_coco_contexts(paths['captions_train'], paths['instances_train'])
   assert len(ctxs) == 3 and (stats.no_caption, stats.bad_boxes) == (0, 0)

@@ -73,8 +73,8 @@ def test_dry_run_allocates_no_weights(seven_b):
 def test_dry_run_says_when_it_does_not_fit():
   """The tiny stage-2 config on this process's 8 CPU devices against a 1 MiB 'HBM'."""
   import ml_collections
-  from llava_jax import config as config_lib
-  config = config_lib.load('configs/stage2_finetune.py:tiny', ['mesh.shape=(1,8,1)'])
+  from llava_jax.train import cli
+  config = cli.load('configs/stage2_finetune.py:tiny', ['mesh.shape=(1,8,1)'])
   with config.unlocked():
     config.hardware = ml_collections.ConfigDict(dict(name='a 1 MiB device', devices=8, hbm_gib=1 / 1024))
   dry_run.check(config, 8)
@@ -87,4 +87,5 @@ def test_dry_run_says_when_it_does_not_fit():
 
 
 def test_dry_run_reports_bad_config():
-  assert dry_run.main('configs/scale.py:7b_stage2_8xh100', ['mesh.shape=(1,3,1)']) == 1
+  from llava_jax.train import cli
+  assert dry_run.main(cli.load('configs/scale.py:7b_stage2_8xh100', ['mesh.shape=(1,3,1)'])) == 1

@@ -24,9 +24,8 @@ import numpy as np
 import pytest
 
 from llava_jax import model_dir
-from llava_jax import config as config_lib
 from llava_jax.data.pipeline import epoch_order
-from llava_jax.train import trainer
+from llava_jax.train import cli, config_checks, trainer
 
 import multihost_worker
 
@@ -72,8 +71,8 @@ def trainer_args(dataset, workdir) -> list[str]:
 
 
 def load_config(dataset, workdir):
-  config = config_lib.load(CONFIG, [f'{k}={v}' for k, v in overrides(dataset).items()], workdir=str(workdir))
-  config_lib.validate(config, num_devices=jax.device_count())
+  config = cli.load(CONFIG, [f'{k}={v}' for k, v in overrides(dataset).items()], workdir=str(workdir))
+  config_checks.validate(config, num_devices=jax.device_count())
   return config
 
 
@@ -268,11 +267,11 @@ def test_start_up_settings_from_flags_env_and_cluster(monkeypatch):
   monkeypatch.setenv('LLAVA_PROCESS_ID', '4')
   with pytest.raises(ValueError, match=r'process_id=4 outside \[0, num_processes=4\)'):
     distributed.initialize()
-  import argparse
-  p = argparse.ArgumentParser()
-  distributed.add_flags(p)
-  ns = p.parse_args(['--coordinator', 'h:1', '--num_processes', '2', '--process_id', '1', '--local_device_ids', '2,3'])
-  assert distributed.from_flags(ns) == distributed.DistributedArgs('h:1', 2, 1, [2, 3])
+  from absl import flags
+  fv = flags.FlagValues()
+  distributed.define_flags(fv)
+  fv(['prog', '--coordinator', 'h:1', '--num_processes', '2', '--process_id', '1', '--local_device_ids', '2,3'])
+  assert distributed.from_flags(fv) == distributed.DistributedArgs('h:1', 2, 1, [2, 3])
   assert distributed.detected_cluster() is None
   monkeypatch.setenv('SLURM_NTASKS', '16')
   monkeypatch.setenv('SLURM_JOB_ID', '77')

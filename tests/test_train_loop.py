@@ -16,8 +16,7 @@ import pytest
 from PIL import Image
 
 from llava_jax import model_dir
-from llava_jax import config as config_lib
-from llava_jax.train import trainer
+from llava_jax.train import cli, config_checks, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE2_TINY = os.path.join(REPO, 'configs', 'stage2_finetune.py') + ':tiny'
@@ -87,8 +86,8 @@ def overrides(dataset, **extra):
 
 
 def load(dataset, workdir, **extra):
-  config = config_lib.load(STAGE2_TINY, overrides(dataset, **extra), workdir=str(workdir))
-  config_lib.validate(config, num_devices=jax.device_count())
+  config = cli.load(STAGE2_TINY, overrides(dataset, **extra), workdir=str(workdir))
+  config_checks.validate(config, num_devices=jax.device_count())
   return config
 
 
@@ -190,7 +189,7 @@ def test_init_from_exported_and_hf_directories(dataset, uninterrupted, tmp_path)
   assert os.path.isfile(os.path.join(hf, 'config.json'))
   config = load(dataset, tmp_path, **{'init.vision_from': hf, 'init.llm_from': hf, 'init.projector_from': ours,
                                       'init.allow_random_frozen': False})
-  model_config = config_lib.model_config(config)
+  model_config = config_checks.model_config(config)
   setup = setup_lib.create(model_config, config.train.trainable, config.optim, 6, sharding.make_mesh((1, -1, 1)),
                            global_batch=8, seq_len=config.data.max_length, compile=False)
   logs = []

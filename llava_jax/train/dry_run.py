@@ -18,11 +18,10 @@ from typing import Callable
 import jax
 import numpy as np
 
-from llava_jax import config as config_lib
 from llava_jax import sharding
 from llava_jax.models.config import LlavaConfig
 from llava_jax.models.llava import abstract_params
-from llava_jax.train import flops, partition
+from llava_jax.train import config_checks, flops, partition
 from llava_jax.train import setup as setup_lib
 
 GiB = 2**30
@@ -51,17 +50,15 @@ def use_cpu_devices(n: int) -> list:
     pass
   devices = jax.devices('cpu')
   if len(devices) < n:
-    raise config_lib.ConfigError(f'the dry run needs {n} CPU devices but jax already started with {len(devices)}; '
+    raise config_checks.ConfigError(f'the dry run needs {n} CPU devices but jax already started with {len(devices)}; '
                                  'run it as its own command (python -m llava_jax.train ... --dry_run)')
   return devices[:n]
 
 
-def check(stage, num_devices: int, prefix: str = '') -> None:
+def check(stage, num_devices: int) -> None:
   """The stage's own validation, minus data and checkpoint paths that the dry run does not read."""
-  errors = [e for e in config_lib.validate_stage(stage, num_devices=num_devices, prefix=prefix, check_paths=False)
-            if not e[len(prefix):].startswith(_UNUSED_KEYS)]
-  if errors:
-    raise config_lib.ConfigError('invalid config:\n  ' + '\n  '.join(errors))
+  errors = config_checks.stage_errors(stage, num_devices=num_devices, check_paths=False)
+  config_checks.raise_if([e for e in errors if not e.startswith(_UNUSED_KEYS)])
 
 
 def per_device_bytes(tree) -> int:
@@ -106,7 +103,7 @@ def _gib(n: float) -> str:
 def dry_run(config, *, devices=None, name: str = '', log: Callable[[str], None] = print) -> dict:
   """Compile one stage's train step for its mesh on `devices` and report memory per device. Returns the figures
   (bytes) and `fits` (None when the config names no hardware.hbm_gib)."""
-  mc = config_lib.model_config(config)
+  mc = config_checks.model_config(config)
   devices = list(jax.devices() if devices is None else devices)
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   d = config.data
@@ -178,21 +175,15 @@ def dry_run(config, *, devices=None, name: str = '', log: Callable[[str], None] 
   return result
 
 
-def main(spec: str, overrides, workdir=None) -> int:
-  """`python -m llava_jax.train --config SPEC --dry_run`: one report per stage (a pipeline: each of its stages).
-  Exit status 0: every stage fits (or no hardware.hbm_gib to judge by), 2: some stage does not fit, 1: bad config."""
+def main(config, name: str = '') -> int:
+  """`python -m llava_jax.train --config SPEC --dry_run` on the loaded (not yet validated) stage config.
+  Exit status 0: it fits (or no hardware.hbm_gib to judge by), 2: it does not fit, 1: bad config."""
   try:
-    config = config_lib.load(spec, overrides, workdir)
-    pipeline = config_lib.is_pipeline(config)
-    stages = [(n, config.stages[n]) for n in config.stage_order] if pipeline else [(spec, config)]
-    counts = [target_devices(s) for _, s in stages]
-    simulated = use_cpu_devices(max(counts)) if all(counts) else jax.devices()
-    results = []
-    for (name, stage), n in zip(stages, counts):
-      n = n or len(simulated)
-      check(stage, n, prefix=f'stages.{name}.' if pipeline else '')
-      results.append(dry_run(stage, devices=simulated[:n], name=name))
-  except config_lib.ConfigError as e:
+    n = target_devices(config)
+    devices = use_cpu_devices(n) if n else jax.devices()
+    check(config, len(devices))
+    result = dry_run(config, devices=devices, name=name)
+  except config_checks.ConfigError as e:
     print(f'error: {e}')
     return 1
-  return 0 if all(r['fits'] is not False for r in results) else 2
+  return 0 if result['fits'] is not False else 2

@@ -15,12 +15,10 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from llava_jax import config as config_lib
-from llava_jax import distributed, model_dir
-from llava_jax import sharding
+from llava_jax import distributed, model_dir, sharding
 from llava_jax.data.pipeline import make_pipeline
 from llava_jax.models.llava import abstract_params
-from llava_jax.train import flops, metrics, partition, resume
+from llava_jax.train import config_checks, flops, metrics, partition, resume
 from llava_jax.train import init as init_lib
 from llava_jax.train import setup as setup_lib
 
@@ -34,12 +32,12 @@ def load_tokenizer(path: str, model_config):
   model."""
   tokenizer = model_dir.load_tokenizer(path)
   if tokenizer is None:
-    raise config_lib.ConfigError(f'data.tokenizer={path}: no tokenizer there (a HF tokenizer dir, or an exported '
-                                 'model dir with tokenizer/)')
+    raise config_checks.ConfigError(f'data.tokenizer={path}: no tokenizer there (a HF tokenizer dir, or an '
+                                    'exported model dir with tokenizer/)')
   try:
     model_dir.check_tokenizer(tokenizer, model_config, f'data.tokenizer={path}', missing_image_token='add')
   except model_dir.TokenizerMismatch as e:
-    raise config_lib.ConfigError(f'{e} (model.image_token_id, model.text.vocab_size)') from None
+    raise config_checks.ConfigError(f'{e}; see model.image_token_id and model.text.vocab_size') from None
   return tokenizer
 
 
@@ -83,7 +81,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   """Run (or resume) one stage. `stop_after`: leave after this many steps of this call as if preempted
   (checkpoint, no export); used by tests. Returns {'status', 'step', 'total_steps', 'losses', 'model_dir'}."""
   workdir = os.path.abspath(workdir)
-  model_config = config_lib.model_config(config)
+  model_config = config_checks.model_config(config)
   _write_config(config, workdir)
 
   # --- mesh ------------------------------------------------------------------------------------------------

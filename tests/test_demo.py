@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 from llava_jax import model_dir
-from llava_jax import config as config_lib
-from llava_jax.eval import demo_qa
-from llava_jax.train import demo as demo_lib
-from llava_jax.train import partition, run
+from llava_jax.demo import pipeline, qa, vision_warmup
+from llava_jax.train import cli, config_checks, partition
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, 'configs', 'demo.py')
@@ -31,18 +29,18 @@ def test_score_and_chance():
   items = [{'question': 'q', 'answer': 'red', 'choices': ['red', 'green', 'blue', 'yellow'], 'type': 'color'},
            {'question': 'q', 'answer': 'yes', 'choices': ['yes', 'no'], 'type': 'exists'},
            {'question': 'q', 'answer': 'two', 'choices': ['one', 'two', 'three'], 'type': 'count'}]
-  s = demo_qa.score(items, [' Red.', 'no', ' two shapes'])
+  s = qa.score(items, [' Red.', 'no', ' two shapes'])
   assert s['accuracy'] == pytest.approx(2 / 3)
   assert s['by_type'] == {'color': 1.0, 'count': 1.0, 'exists': 0.0}
-  assert demo_qa.chance_accuracy(items) == pytest.approx((1 / 4 + 1 / 2 + 1 / 3) / 3)
+  assert qa.chance_accuracy(items) == pytest.approx((1 / 4 + 1 / 2 + 1 / 3) / 3)
 
 
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('demo')
-  config = config_lib.load(DEMO, SMALL, workdir=str(workdir))
-  config_lib.validate(config, num_devices=jax.device_count())
-  return workdir, config, run.run(config)
+  config = cli.load(DEMO, SMALL, workdir=str(workdir))
+  pipeline.validate(config, num_devices=jax.device_count())
+  return workdir, config, pipeline.run(config)
 
 
 def _params(path):
@@ -81,7 +79,7 @@ def test_demo_stages_freeze_what_the_paper_freezes(demo_run):
 def test_rerunning_a_finished_demo_does_not_train_again(demo_run):
   workdir, config, _ = demo_run
   before = (workdir / 'stage2' / 'metrics.jsonl').read_text()
-  result = run.run(config)
+  result = pipeline.run(config)
   assert result['status'] == 'completed'
   assert (workdir / 'stage2' / 'metrics.jsonl').read_text() == before
 
@@ -98,7 +96,7 @@ def test_patch_labels_put_each_object_in_the_patch_of_its_box_centre(tmp_path):
   # image 1: a blue square in patch 3.
   path.write_text(json.dumps(_coco(['a.png', 'b.png'], [(0, 3, [20, 2, 30, 20]), (0, 2, [4, 36, 20, 20]),
                                                         (1, 4, [40, 40, 20, 20])])))
-  files, labels = demo_lib.patch_labels(str(path), 64, 32)
+  files, labels = vision_warmup.patch_labels(str(path), 64, 32)
   assert files == ['a.png', 'b.png']
   # colours sorted: blue=1, red=2; shapes: circle=1, square=2; object = category id; 0 = no object
   np.testing.assert_array_equal(labels['colour'], [[0, 1, 2, 0], [0, 0, 0, 1]])
@@ -110,12 +108,12 @@ def test_patch_labels_reject_bad_input(tmp_path):
   path = tmp_path / 'instances.json'
   path.write_text(json.dumps(_coco(['a.png'], [], size=48)))
   with pytest.raises(ValueError, match=r'a\.png is 48x48, the model takes 64x64'):
-    demo_lib.patch_labels(str(path), 64, 32)
+    vision_warmup.patch_labels(str(path), 64, 32)
   bad = _coco(['a.png'], [])
   bad['categories'][0]['name'] = 'red'
   path.write_text(json.dumps(bad))
   with pytest.raises(ValueError, match='categories must be named "colour shape"'):
-    demo_lib.patch_labels(str(path), 64, 32)
+    vision_warmup.patch_labels(str(path), 64, 32)
 
 
 def test_vision_warmup_fits_its_training_patches(demo_run, tmp_path):
@@ -124,8 +122,8 @@ def test_vision_warmup_fits_its_training_patches(demo_run, tmp_path):
   cfg = config.vision_warmup.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.steps, cfg.batch_size = 40, 24
-  model_config = config_lib.model_config(config.stages.warmup)
-  out = demo_lib.warmup_vision(cfg, model_config, str(tmp_path), log=lambda _: None)
+  model_config = config_checks.model_config(config.stages.warmup)
+  out = vision_warmup.train(cfg, model_config, str(tmp_path), log=lambda _: None)
   metrics = json.loads((tmp_path / 'vision_warmup' / 'metrics.json').read_text())
   assert metrics['steps'] == 40 and metrics['last_loss'] < 0.3 * metrics['first_loss'], metrics
   assert set(metrics['held_out_patch_accuracy']) == {'colour', 'shape', 'object'}

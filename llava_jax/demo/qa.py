@@ -1,6 +1,6 @@
-"""Score an exported model on the demo's held-out QA (llava_jax.data.synthetic `qa.json`).
+"""Score an exported model on the demo's held-out QA (llava_jax.demo.synthetic `qa.json`).
 
-  python -m llava_jax.eval.demo_qa --model workdir/demo/stage2/model --qa workdir/demo/data/qa.json \\
+  python -m llava_jax.demo.qa --model workdir/demo/stage2/model --qa workdir/demo/data/qa.json \\
       --images workdir/demo/data/images [--out scores.json]
 
 Each question is asked in the model's template with its image, answered greedily and compared after
@@ -71,12 +71,12 @@ def answer_all(path: str, items: list[dict], image_dir: str, *, blind: bool, bat
     out = sampler(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=pad_id, tokenizer=tokenizer)
     answers += out.texts[:len(chunk)]
-    log(f'demo_qa{" (blind)" if blind else ""}: {len(answers)}/{len(items)} answered')
+    log(f'demo qa{" (blind)" if blind else ""}: {len(answers)}/{len(items)} answered')
   return answers
 
 
 def score(items: list[dict], answers: list[str]) -> dict:
-  from llava_jax.data.synthetic import normalize_answer
+  from llava_jax.demo.synthetic import normalize_answer
   correct = [normalize_answer(a) == it['answer'] for it, a in zip(items, answers)]
   by_type = collections.defaultdict(list)
   for it, ok in zip(items, correct):
@@ -101,18 +101,11 @@ def evaluate(model_dir: str, qa_file: str, image_dir: str, *, batch_size: int = 
                         'predicted_blind': q} for it, p, q in list(zip(items, seen, blind))[:examples]]}
 
 
-def evaluate_demo(config, workdir: str, log: Callable[[str], None] = print) -> dict:
-  """The demo pipeline's last step: score `eval.stage`'s exported model. `config`: the pipeline config."""
-  e = config.eval
-  return evaluate(os.path.join(workdir, e.stage, 'model'), e.qa_file, e.image_dir, batch_size=e.batch_size,
-                  max_new_tokens=e.max_new_tokens, log=log)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog='python -m llava_jax.eval.demo_qa', description=__doc__,
+  p = argparse.ArgumentParser(prog='python -m llava_jax.demo.qa', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--model', required=True, help='exported model directory (with tokenizer/ and template)')
-  p.add_argument('--qa', required=True, help='qa.json written by llava_jax.data.synthetic')
+  p.add_argument('--qa', required=True, help='qa.json written by llava_jax.demo.synthetic')
   p.add_argument('--images', required=True, help='folder the qa.json image names are relative to')
   p.add_argument('--batch-size', type=int, default=64)
   p.add_argument('--max-new-tokens', type=int, default=4)

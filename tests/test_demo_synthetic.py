@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from llava_jax.data import synthetic
+from llava_jax.demo import synthetic
 from llava_jax.data.builder import check_entry
-from llava_jax.data.synthetic import (BRIEF_INSTRUCTIONS, COLORS, NUMBERS, SHORT_ANSWER, build_demo_tokenizer,
+from llava_jax.demo.synthetic import (BRIEF_INSTRUCTIONS, COLORS, NUMBERS, SHORT_ANSWER, build_demo_tokenizer,
                                       normalize_answer, write_demo)
 from llava_jax.data.tokenize import add_image_token
 

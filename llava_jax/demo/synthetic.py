@@ -15,7 +15,7 @@ boxes `category: [x1, y1, x2, y2]` normalized to 0..1, the form the paper feeds 
 
 Everything is a deterministic function of the seed; image i does not depend on how many are drawn.
 
-  python -m llava_jax.data.synthetic --out /tmp/demo --num-train 2000 --num-qa 192 --image-size 64
+  python -m llava_jax.demo.synthetic --out /tmp/demo --num-train 2000 --num-qa 192 --image-size 64
 """
 from __future__ import annotations
 
@@ -473,7 +473,7 @@ def build_demo_tokenizer(out_dir: str, *, texts: Optional[Sequence[str]] = None,
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m llava_jax.data.synthetic', description=__doc__,
+  p = argparse.ArgumentParser(prog='python -m llava_jax.demo.synthetic', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--out', required=True, help='output folder')
   p.add_argument('--num-train', type=int, default=1000, help='training images (3 stage-2 samples each)')
