@@ -45,7 +45,7 @@ from llava_jax import sharding  # noqa: E402
 from llava_jax.models.config import LlamaConfig, LlavaConfig, VisionConfig  # noqa: E402
 from llava_jax.models.llava import abstract_params, init_params  # noqa: E402
 from llava_jax.train import flops, setup as setup_lib  # noqa: E402
-from llava_jax.train.step import IGNORE_INDEX  # noqa: E402
+from llava_jax.data.tokenize import IGNORE_INDEX  # noqa: E402
 
 STAGES = {1: common.STAGE1_TRAINABLE, 2: common.STAGE2_TRAINABLE}
 
@@ -156,7 +156,7 @@ def build_ours(config: LlavaConfig, a, params, batch_np):
   setup = setup_lib.create(config, STAGES[a.stage], optim, total_steps=10**6, mesh=mesh, global_batch=a.batch,
                            seq_len=a.seq)
   compile_s = time.perf_counter() - t
-  state, frozen = setup_lib.init_state(setup, params, seed=a.seed)
+  state, frozen = setup_lib.init_state(setup, params)
   batch = setup_lib.make_global_batch(setup, batch_np)
   box = {'state': state}
 

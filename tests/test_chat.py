@@ -10,7 +10,8 @@ import pytest
 from llava_jax import chat, inference, model_dir
 from llava_jax.data import conversation
 from llava_jax.generate import SamplingParams
-from test_predict import random_params, save_tiny_model, tiny_config, tiny_tokenizer, write_image
+from conftest import random_params
+from test_predict import save_tiny_model, tiny_config, tiny_tokenizer, write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 12  # as in test_predict: the in-process expectations reuse its compiled programs
@@ -69,7 +70,7 @@ def test_missing_image_at_start(env, capsys):
 def test_checkpoint_tokenizer_mismatch(env, tmp_path, capsys):
   tok = tiny_tokenizer(with_image_token=False)
   config = tiny_config(image_token_id=36)
-  model_dir.save_model(str(tmp_path / 'm'), config, random_params(config), tokenizer=tok)
+  model_dir.save_model(str(tmp_path / 'm'), config, random_params(config, std=0.06), tokenizer=tok)
   assert chat.main(['--checkpoint', str(tmp_path / 'm')]) == 2
   assert "the tokenizer has no '<image>' token" in capsys.readouterr().err
   assert chat.main(['--checkpoint', str(tmp_path / 'absent')]) == 2

@@ -9,15 +9,16 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-from llava_jax.model_dir import load_model
 from llava_jax.convert import (CheckpointMismatchError, export_hf_llava, load_hf_clip, load_hf_llama, load_hf_llava)
 from llava_jax.convert.__main__ import main as cli
 from llava_jax.convert.hf_config import llava_from_hf
 from llava_jax.convert.safetensors_io import SAFE_INDEX
+from llava_jax.model_dir import load_model
 from llava_jax.models import LlamaConfig, Llava, LlavaConfig, VisionConfig, abstract_params
 from llava_jax.models.presets import get_model_config
+
+from conftest import word_tokenizer
 
 HUB_PREFIXES = ('vision_tower.vision_model.', 'language_model.model.', 'language_model.lm_head.',
                 'multi_modal_projector.')
@@ -77,15 +78,9 @@ def safetensors_keys(path):
     return set(json.loads(f.read(int.from_bytes(f.read(8), 'little')))) - {'__metadata__'}
 
 
-def word_tokenizer(n_words, with_image):
+def numbered_tokenizer(n_words, with_image):
   """A WordLevel fast tokenizer 't0'..'t{n-1}' (+ '<image>' as the next id)."""
-  tok = Tokenizer(models.WordLevel({f't{i}': i for i in range(n_words)}, unk_token='t0'))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='t1', eos_token='t2', unk_token='t0',
-                                              pad_token='t3')
-  if with_image:
-    fast.add_tokens([AddedToken('<image>', special=True, normalized=False)], special_tokens=True)
-  return fast
+  return word_tokenizer([f't{i}' for i in range(n_words)], specials=('t0', 't1', 't2', 't3'), image_token=with_image)
 
 
 def hf_logits(model, ids, pixels):
@@ -105,7 +100,7 @@ def ref(tiny, tmp_path_factory):
   model = tiny.hf_llava(seed=5)
   path = str(tmp_path_factory.mktemp('hf5'))
   model.save_pretrained(path)
-  word_tokenizer(100, True).save_pretrained(path)
+  numbered_tokenizer(100, True).save_pretrained(path)
   ours, params = load_hf_llava(path)
   return model, path, ours, params
 
@@ -413,7 +408,7 @@ def test_cli_import_then_export_with_tokenizer(ref, tmp_path, capsys):
 
 def test_cli_original_release_adds_image_token(ref, clip_dir_of_ref, tmp_path):
   model = ref[0]
-  path = original_release_dir(tmp_path / 'orig', model, clip_dir_of_ref, tokenizer=word_tokenizer(128, False))
+  path = original_release_dir(tmp_path / 'orig', model, clip_dir_of_ref, tokenizer=numbered_tokenizer(128, False))
   cli(['import-hf', path, str(tmp_path / 'ours'), '--dtype', 'bfloat16'])
   m = load_model(str(tmp_path / 'ours'))
   assert (m.config.image_token_id, m.config.text.vocab_size, m.config.param_dtype) == (128, 192, 'bfloat16')

@@ -113,6 +113,8 @@ def test_cli(fixture_dir, built, capsys):
   assert build_cli.main(args + ['--overwrite', '--progress-every', '4']) == 0
   out = capsys.readouterr()
   assert 'train: 4 written, 12 skipped of 16 entries' in out.out and '[build train] 16/16' in out.out
+  # Nothing is downloaded: tfds' "Downloading and preparing dataset Unknown size ..." lines are not printed.
+  assert 'Downloading' not in out.out + out.err and 'downloaded and prepared' not in out.out + out.err
   assert REPORT_FILE in out.err
   (root / 'broken.json').write_text('[{"id": 1,')
   assert build_cli.main(['--json', str(root / 'broken.json'), '--out', str(root / 'tfds2')]) == 1

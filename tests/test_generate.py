@@ -11,7 +11,9 @@ import pytest
 
 from llava_jax.generate import GenerateOutput, Sampler, SamplingParams, generate_uncached, pad_batch, sample_logits
 from llava_jax.models.config import LlamaConfig, LlavaConfig, VisionConfig
-from llava_jax.models.llava import Llava, abstract_params
+from llava_jax.models.llava import Llava
+
+from conftest import random_params
 
 CONFIG = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, patch_size=4, image_size=16),
@@ -25,20 +27,6 @@ class PairTokenizer:
 
   def decode(self, ids, skip_special_tokens=True):
     return ''.join(chr(97 + i % 26) + chr(97 + (i // 26) % 26) for i in ids)
-
-
-def random_params(config, seed=0, std=0.1):
-  """Random weights from numpy (compiling flax init costs seconds). std 0.1, five times the usual 0.02 init: at
-  0.02 a random model repeats one token, which would make the equality tests trivial."""
-  rng = np.random.default_rng(seed)
-
-  def one(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "'scale'" in name or "'bias'" in name:  # norms start at 1, biases at 0
-      return np.full(leaf.shape, 1.0 if "'scale'" in name else 0.0, np.float32)
-    return rng.normal(0, std, leaf.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(one, abstract_params(config))
 
 
 def make_inputs():
@@ -197,7 +185,7 @@ def test_mesh_sharded_equals_single_device(setup):
   """)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=root,
-                       env={**os.environ, 'PYTHONPATH': root})
+                       env={**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.path.join(root, 'tests')])})
   assert out.returncode == 0, out.stderr[-2000:]
   np.testing.assert_array_equal(eval(out.stdout.strip().splitlines()[-1]), setup['greedy'].tokens[:2])
 

@@ -28,6 +28,7 @@ from llava_jax.data.pipeline import epoch_order
 from llava_jax.train import cli, config_checks, trainer
 
 import multihost_worker
+from conftest import colour_dataset
 
 REPO = multihost_worker.REPO
 CONFIG = os.path.join(REPO, 'configs', 'stage2_finetune.py') + ':tiny'
@@ -38,23 +39,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
-  return multihost_worker.build_dataset(str(tmp_path_factory.mktemp('colors')), RECORDS)
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  """One persistent compilation cache for this process and the subprocesses (run B reuses run A's programs)."""
-  from jax._src import compilation_cache as cc
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  saved = {k: getattr(jax.config, k) for k in ('jax_compilation_cache_dir',
-                                               'jax_persistent_cache_min_compile_time_secs')}
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  cc.reset_cache()
-  yield path
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
+  return colour_dataset(str(tmp_path_factory.mktemp('colors')), RECORDS, moving=True)
 
 
 def overrides(dataset) -> dict:
@@ -76,9 +61,15 @@ def load_config(dataset, workdir):
   return config
 
 
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  """The 2-process runs' own compilation cache (run B reuses run A's programs). Not conftest's: jax's cache key
+  does not tell 2 processes x 4 CPU devices from 1 x 8, and a worker that loaded a 1-process program would hang."""
+  return str(tmp_path_factory.mktemp('jax_cache_2_processes'))
+
+
 def subprocess_env(cache_dir, **extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', JAX_COMPILATION_CACHE_DIR=cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', JAX_COMPILATION_CACHE_DIR=cache_dir)
   env.pop('MULTIHOST_KILL_AT', None)
   env.update(extra)
   return env

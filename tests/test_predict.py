@@ -3,34 +3,25 @@ the ScienceQA `predict` -> `score` path end to end."""
 import dataclasses
 import json
 
-import jax
 import numpy as np
 import pytest
-import transformers
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import pre_tokenizers
 
 from llava_jax import inference, model_dir
-from llava_jax.data import conversation, tokenize
+from llava_jax.data import conversation
 from llava_jax.eval import predict, scienceqa
 from llava_jax.generate import SamplingParams
 from llava_jax.models.config import LlamaConfig, LlavaConfig, VisionConfig
-from llava_jax.models.llava import abstract_params
+
+from conftest import random_params, word_tokenizer
 
 
 def tiny_tokenizer(with_image_token=True):
   """Word-level tokenizer over the template words (others -> <unk>); `<image>` added as a special token."""
-  words = ['<unk>', '<s>', '</s>', '<pad>']
-  pre = pre_tokenizers.Whitespace()
-  for w, _ in pre.pre_tokenize_str(conversation.SYSTEM_USER + ' USER: ASSISTANT: what is in the image ?'):
-    words += [w] if w not in words else []
-  tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='<unk>'))
-  tk.pre_tokenizer = pre
-  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token='<s>', eos_token='</s>',
-                                             unk_token='<unk>', pad_token='<pad>')
-  if with_image_token:
-    tokenize.add_image_token(tok)
-  return tok
+  words = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(
+      conversation.SYSTEM_USER + ' USER: ASSISTANT: what is in the image ?')]
+  return word_tokenizer(words, image_token=with_image_token)
 
 
 def tiny_config(image_token_id, vocab_size=40):
@@ -40,19 +31,6 @@ def tiny_config(image_token_id, vocab_size=40):
       text=LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                        num_kv_heads=2),
       image_token_id=image_token_id)
-
-
-def random_params(config, seed=0, std=0.06):
-  """Numpy random weights (compiling flax init costs seconds); std 0.06 so the random model is not degenerate."""
-  rng = np.random.default_rng(seed)
-
-  def one(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "'scale'" in name or "'bias'" in name:  # norms start at 1, biases at 0
-      return np.full(leaf.shape, 1.0 if "'scale'" in name else 0.0, np.float32)
-    return rng.normal(0, std, leaf.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(one, abstract_params(config))
 
 
 def save_tiny_model(path, seed=2, std=0.1):

@@ -37,8 +37,7 @@ def abstract_state(stage, mesh_name):
   tx, _ = optim_lib.make_optimizer(common.stage_config('tiny').optim, 100, trainable)
   rep = sharding.replicated(m)
   return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=trainable,
-                    opt_state=setup_lib.opt_state_shardings(tx, trainable, m),
-                    rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+                    opt_state=setup_lib.opt_state_shardings(tx, trainable, m))
 
 
 def random_like(abstract, seed=0):

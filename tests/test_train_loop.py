@@ -13,65 +13,20 @@ import time
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from llava_jax import model_dir
 from llava_jax.train import cli, config_checks, trainer
 
+from conftest import colour_dataset
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE2_TINY = os.path.join(REPO, 'configs', 'stage2_finetune.py') + ':tiny'
-COLORS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 220)}
 
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
   """(tfds dir, tokenizer dir, image token id) of a small question-answer set about a coloured square."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-
-  from llava_jax.data.builder import build_dataset
-
-  root = tmp_path_factory.mktemp('colors')
-  (root / 'images').mkdir()
-  entries = []
-  for i in range(48):
-    name = list(COLORS)[i % 3]
-    img = np.full((32, 32, 3), 128, np.uint8)
-    img[8:24, 8:24] = COLORS[name]
-    Image.fromarray(img).save(root / 'images' / f'{i}.png')
-    entries.append({'id': str(i), 'image': f'{i}.png', 'conversations': [
-        {'from': 'human', 'value': '<image>\nWhat color is the square?'},
-        {'from': 'gpt', 'value': f'The square is {name}.'}]})
-  (root / 'train.json').write_text(json.dumps(entries))
-  words = ('A chat between a curious user and an artificial intelligence assistant . The gives helpful , detailed '
-           "polite answers to the user's questions USER ASSISTANT : What color is square ? red green blue").split()
-  vocab = {'<unk>': 0, '<s>': 1, '</s>': 2, '<pad>': 3}
-  for w in words:
-    vocab.setdefault(w, len(vocab))
-  tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-  tok.decoder = decoders.WordPiece()
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>', pad_token='<pad>',
-                                 unk_token='<unk>')
-  fast.save_pretrained(str(root / 'tokenizer'))
-  build_dataset({'train': str(root / 'train.json')}, str(root / 'images'), str(root / 'tfds'), name='colors')
-  return str(root / 'tfds'), str(root / 'tokenizer'), len(vocab)  # <image> is added after the vocab
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Repeated runs of one config (resume, rerun, the SIGTERM subprocess) reuse the compiled programs."""
-  from jax._src import compilation_cache as cc
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  saved = {k: getattr(jax.config, k) for k in ('jax_compilation_cache_dir',
-                                               'jax_persistent_cache_min_compile_time_secs')}
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  cc.reset_cache()
-  yield path
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
+  return colour_dataset(str(tmp_path_factory.mktemp('colors')), 48)
 
 
 def overrides(dataset, **extra):
@@ -156,15 +111,14 @@ def test_non_finite_loss_stops_without_writing_a_nan_checkpoint(dataset, tmp_pat
   assert [r['skipped'] for r in records] == [0.0] + [1.0] * (bad_step - 1)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(dataset, tmp_path, compilation_cache):
+def test_sigterm_saves_a_checkpoint_and_exits_143(dataset, tmp_path):
   args = [sys.executable, '-m', 'llava_jax.train', '--config', STAGE2_TINY, '--workdir', str(tmp_path)]
   args += ['--config.' + o for o in overrides(dataset, **{'train.steps': 100000, 'checkpoint.every_steps': 100000,
                                                           'log.tensorboard': False})]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_COMPILATION_CACHE_DIR=compilation_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  # This process's 8 devices and compilation cache (conftest): the step compiled for the runs above is read back.
+  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics_file = tmp_path / 'metrics.jsonl'
-  deadline = time.time() + 120
+  deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     if metrics_file.exists() and metrics_file.read_text().count('\n') >= 2:
       break

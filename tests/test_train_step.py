@@ -64,7 +64,7 @@ def make_batch(cfg, seed, batch=BATCH, seq=SEQ):
 
 
 def run_steps(setup, params, batches):
-  state, frozen = setup_lib.init_state(setup, params, seed=0)
+  state, frozen = setup_lib.init_state(setup, params)
   losses = []
   for b in batches:
     state, m = setup.step(state, frozen, setup_lib.make_global_batch(setup, b))
@@ -112,7 +112,7 @@ def _opt_param_paths(opt_state):
 def test_stage1_trains_only_the_projector_and_frozen_weights_are_bf16(cfg, params, batches):
   bf16 = cfg.replace(dtype='bfloat16')
   setup = setup_lib.create(bf16, STAGE1, optim(), 10, mesh_of((1, 1, 1), 1), global_batch=BATCH, seq_len=SEQ)
-  state, frozen = setup_lib.init_state(setup, params, seed=0)
+  state, frozen = setup_lib.init_state(setup, params)
   before = jax.device_get(partition.merge(state.params, frozen))
   assert set(state.params) == {'projector'}
   assert set(frozen) == {'vision_tower', 'language_model'}

@@ -7,7 +7,6 @@ export-hf: our exported-model dir -> an HF LlavaForConditionalGeneration dir (hu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 

@@ -163,6 +163,15 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
     # importlib_resources, which a TF-free install lacks.)
     return None
 
+  # tfds announces "Downloading and preparing dataset Unknown size ..." before a build and "... downloaded and
+  # prepared" after it, on stdout, whatever the source. Nothing is downloaded here: the `[build split]` lines and
+  # build_report.json say what was written. Its warnings (absl logging) are untouched.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,

@@ -35,21 +35,17 @@ def chance_accuracy(items) -> float:
   return float(np.mean([1.0 / len(it['choices']) for it in items])) if items else 0.0
 
 
-def answer_all(path: str, items: list[dict], image_dir: str, *, blind: bool, batch_size: int,
+def answer_all(m, sampler, items: list[dict], image_dir: str, *, blind: bool, batch_size: int,
                max_new_tokens: int, log: Callable[[str], None] = print) -> list[str]:
-  """Greedy answers (decoded text) for every item; images preprocessed like training (or blank when blind)."""
-  from llava_jax import model_dir
+  """Greedy answers (decoded text) for every item; images preprocessed like training (or blank when blind).
+
+  `m`: the model_dir.LoadedModel, `sampler`: its Sampler (shared by both passes: one compiled program)."""
   from llava_jax.data.image import blank_image, load_image, preprocess_image
   from llava_jax.data.tokenize import tokenize_prompt
-  from llava_jax.generate import Sampler, pad_batch
-  from llava_jax.models.llava import Llava
+  from llava_jax.generate import pad_batch
 
-  m = model_dir.load_model(path, require_tokenizer=True)
-  if m.template is None:
-    raise ValueError(f'{path}: the exported model needs its template to be scored')
-  config, params, tokenizer, template = m.config, m.params, m.tokenizer, m.template
+  config, tokenizer, template = m.config, m.tokenizer, m.template
   size = config.vision.image_size
-  sampler = Sampler(Llava(config), params)
   prompts = [tokenize_prompt([{'from': 'human', 'value': '<image>\n' + it['question']}], tokenizer, template,
                              config.num_image_tokens) for it in items]
   longest = max(len(p) for p in prompts)  # one prompt length for all batches: one compiled program
@@ -85,18 +81,23 @@ def score(items: list[dict], answers: list[str]) -> dict:
           'by_type': {t: round(float(np.mean(v)), 4) for t, v in sorted(by_type.items())}}
 
 
-def evaluate(model_dir: str, qa_file: str, image_dir: str, *, batch_size: int = 64, max_new_tokens: int = 4,
+def evaluate(path: str, qa_file: str, image_dir: str, *, batch_size: int = 64, max_new_tokens: int = 4,
              log: Callable[[str], None] = print, examples: int = 5) -> dict:
   """accuracy, blind_accuracy (blank images), chance_accuracy, per question type, a few example answers."""
+  from llava_jax import model_dir
+  from llava_jax.generate import Sampler
+  from llava_jax.models.llava import Llava
   items = load_items(qa_file)
-  seen = answer_all(model_dir, items, image_dir, blind=False, batch_size=batch_size,
-                    max_new_tokens=max_new_tokens, log=log)
-  blind = answer_all(model_dir, items, image_dir, blind=True, batch_size=batch_size,
-                     max_new_tokens=max_new_tokens, log=log)
+  m = model_dir.load_model(path, require_tokenizer=True)
+  if m.template is None:
+    raise ValueError(f'{path}: the exported model needs its template to be scored')
+  sampler = Sampler(Llava(m.config), m.params)
+  seen, blind = (answer_all(m, sampler, items, image_dir, blind=b, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, log=log) for b in (False, True))
   s, b = score(items, seen), score(items, blind)
   return {'accuracy': round(s['accuracy'], 4), 'blind_accuracy': round(b['accuracy'], 4),
           'chance_accuracy': round(chance_accuracy(items), 4), 'num_questions': len(items),
-          'accuracy_by_type': s['by_type'], 'blind_accuracy_by_type': b['by_type'], 'model': model_dir,
+          'accuracy_by_type': s['by_type'], 'blind_accuracy_by_type': b['by_type'], 'model': path,
           'examples': [{'question': it['question'].split('\n')[0], 'answer': it['answer'], 'predicted': p,
                         'predicted_blind': q} for it, p, q in list(zip(items, seen, blind))[:examples]]}
 

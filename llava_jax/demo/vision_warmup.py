@@ -1,10 +1,10 @@
-"""The vision warm-up of the demo (configs/demo.py, its `vision_warmup` section), written to
-`<workdir>/vision_warmup/model`.
+"""The vision warm-up of the demo (configs/demo.py, its `vision_warmup` section): `<workdir>/vision_warmup/model`.
 
 LLaVA starts from a pretrained CLIP, which cannot be downloaded here. The tiny ViT is pretrained instead on the
-dataset's COCO boxes, like a detection backbone: linear heads on its feature-layer output name, for every patch, the colour, the shape and the colour +
-shape of the object whose box centre lies in it (or "none"). Only the ViT is kept; the heads are dropped. Trained
-through the LLM on captions alone, the tiny ViT learns colour in minutes but shape only now and then.
+dataset's COCO boxes, like a detection backbone: linear heads on its feature-layer output name, for every patch,
+the colour, the shape and the colour + shape of the object whose box centre lies in it (or "none"). Only the ViT
+is kept; the heads are dropped. Trained through the LLM on captions alone, the tiny ViT learns colour in minutes
+but shape only now and then.
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from typing import Optional
 
 from llava_jax import api_client
 from llava_jax.datagen import coco
+from llava_jax.eval import predict
 
 CATEGORIES = ('conversation', 'detail', 'complex')
 _CATEGORY = {'conv': 'conversation', 'conversation': 'conversation', 'detail': 'detail', 'complex': 'complex'}
@@ -48,21 +49,12 @@ def category_name(raw: str) -> str:
 
 
 def read_jsonl(path: str, required: tuple) -> list[dict]:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'file not found: {path}')
   rows = []
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{lineno}: not valid JSON ({e})') from None
-      missing = [k for k in required if k not in row]
-      if missing:
-        raise ValueError(f'{path}:{lineno}: missing key(s) {missing}')
-      rows.append(row)
+  for lineno, row in predict.jsonl_records(path):
+    missing = [k for k in required if k not in row]
+    if missing:
+      raise ValueError(f'{path}:{lineno}: missing key(s) {missing}')
+    rows.append(row)
   return rows
 
 
@@ -187,7 +179,7 @@ def summarize(reviews: list[dict], question_ids=None) -> dict:
 
 
 def _cmd_answer(args) -> int:
-  from llava_jax.eval import predict  # needs jax and a model; review/summarize do not
+  from llava_jax.eval import predict  # looked up when answering (jax and the model load inside it)
   stats = predict.answer_questions(
       args.checkpoint, args.questions, args.image_folder, args.out, template=args.template,
       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -4,6 +4,7 @@ Questions: one JSON object per line with `question_id`, `text` and optionally `i
 folder). `<image>\\n` goes in front of the text when there is an image, as the original `model_vqa*` scripts do.
 Answers: `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}` per line, appended batch by
 batch; a rerun skips the question_ids already answered, so a killed run resumes where it stopped.
+jax and the model are imported only when answering, so that the evals' other commands start fast.
 """
 from __future__ import annotations
 
@@ -13,31 +14,34 @@ import os
 import sys
 import time
 import uuid
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 from llava_jax.data import conversation
-from llava_jax.generate import SamplingParams
-from llava_jax.inference import InferenceModel, generate_batch, load_inference_model, load_pixels, prompt_ids
 
 
-def read_questions(path: str) -> list[dict]:
+def jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
+  """(line number, parsed line) of every non-empty line; ValueError naming `path:line` on bad JSON."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'question file not found: {path}')
-  questions, seen = [], set()
-  with open(path) as f:
+    raise FileNotFoundError(f'file not found: {path}')
+  with open(path, encoding='utf-8') as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
-        q = json.loads(line)
+        yield line_no, json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{line_no}: invalid JSON ({e})') from e
-      if not isinstance(q, dict) or 'question_id' not in q or not isinstance(q.get('text'), str):
-        raise ValueError(f'{path}:{line_no}: a question needs question_id and text')
-      if q['question_id'] in seen:
-        raise ValueError(f'{path}:{line_no}: duplicate question_id {q["question_id"]!r}')
-      seen.add(q['question_id'])
-      questions.append(q)
+        raise ValueError(f'{path}:{line_no}: not valid JSON ({e})') from None
+
+
+def read_questions(path: str) -> list[dict]:
+  questions, seen = [], set()
+  for line_no, q in jsonl_records(path):
+    if not isinstance(q, dict) or 'question_id' not in q or not isinstance(q.get('text'), str):
+      raise ValueError(f'{path}:{line_no}: a question needs question_id and text')
+    if q['question_id'] in seen:
+      raise ValueError(f'{path}:{line_no}: duplicate question_id {q["question_id"]!r}')
+    seen.add(q['question_id'])
+    questions.append(q)
   return questions
 
 
@@ -71,6 +75,8 @@ def answer_questions(model_dir_or_hf, questions_jsonl: str, image_folder: Option
   `model_dir_or_hf`: a path, or an already loaded InferenceModel. Questions whose image file is missing are
   not answered (so a rerun retries them) and are counted under `missing_image`.
   """
+  from llava_jax.generate import SamplingParams
+  from llava_jax.inference import InferenceModel, generate_batch, load_inference_model, load_pixels, prompt_ids
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   im = model_dir_or_hf if isinstance(model_dir_or_hf, InferenceModel) else load_inference_model(
       model_dir_or_hf, tokenizer_path=tokenizer_path, template=template, image_aspect=image_aspect, mesh=mesh)
@@ -125,3 +131,4 @@ def answer_questions(model_dir_or_hf, questions_jsonl: str, image_folder: Option
         'fixing them to answer the rest')
   log(json.dumps(stats))
   return stats
+

@@ -17,6 +17,8 @@ import os
 import re
 import sys
 
+from llava_jax.eval import predict
+
 OPTIONS = ('A', 'B', 'C', 'D', 'E')
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
 FAILED = 'FAILED'
@@ -192,17 +194,13 @@ def score(problems, pid_splits, predictions, split='test'):
 def read_predictions(path):
   """Answers JSONL (`question_id`, `prompt`, `text` per line) -> ({question_id: text}, duplicate count)."""
   predictions, duplicates = {}, 0
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        qid, text = str(record['question_id']), record['text']
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f'{path}:{line_no}: not an answers record with question_id and text ({e!r})')
-      duplicates += qid in predictions
-      predictions[qid] = text  # the last answer wins, as in the original's dict
+  for line_no, record in predict.jsonl_records(path):
+    try:
+      qid, text = str(record['question_id']), record['text']
+    except (KeyError, TypeError) as e:
+      raise ValueError(f'{path}:{line_no}: not an answers record with question_id and text ({e!r})') from None
+    duplicates += qid in predictions
+    predictions[qid] = text  # the last answer wins, as in the original's dict
   return predictions, duplicates
 
 
@@ -243,7 +241,6 @@ def _cmd_convert(args):
 
 
 def _cmd_predict(args):
-  from llava_jax.eval import predict  # needs jax and a model; convert/score do not
   mesh = None
   if args.mesh:
     from llava_jax import sharding

@@ -6,7 +6,9 @@ from typing import Any, Optional
 
 PROJECTORS = ('linear', 'mlp2x_gelu', 'identity')
 FEATURE_SELECTS = ('patch', 'cls_patch')
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+# Rematerialisation policy -> what the backward pass keeps (a `jax.checkpoint_policies` name; 'none': no remat).
+REMAT_POLICIES = {'none': None, 'full': 'nothing_saveable', 'dots': 'checkpoint_dots',
+                  'dots_no_batch': 'dots_with_no_batch_dims_saveable'}
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -92,7 +94,8 @@ class LlavaConfig:
 
   def __post_init__(self):
     _check(self.projector in PROJECTORS, f'projector={self.projector!r}; allowed: {PROJECTORS}')
-    _check(self.remat_policy in REMAT_POLICIES, f'remat_policy={self.remat_policy!r}; allowed: {REMAT_POLICIES}')
+    _check(self.remat_policy in REMAT_POLICIES,
+           f'remat_policy={self.remat_policy!r}; allowed: {tuple(REMAT_POLICIES)}')
     _check(self.dtype in DTYPES, f'dtype={self.dtype!r}; allowed: {DTYPES}')
     _check(self.param_dtype in DTYPES, f'param_dtype={self.param_dtype!r}; allowed: {DTYPES}')
     _check(0 <= self.image_token_id < self.text.vocab_size,

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llava_jax.models.config import REMAT_POLICIES
+
 Array = jax.Array
 
 
@@ -254,14 +256,9 @@ def _swiglu_bwd(res, dy):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
 def maybe_remat(block_cls, policy: str, static_argnums=()):
-  if policy == 'none':
+  """`block_cls` rematerialised with `policy` (a key of config.REMAT_POLICIES)."""
+  if REMAT_POLICIES[policy] is None:
     return block_cls
-  return nn.remat(block_cls, policy=REMAT_POLICIES[policy], prevent_cse=False, static_argnums=static_argnums)
+  return nn.remat(block_cls, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]), prevent_cse=False,
+                  static_argnums=static_argnums)

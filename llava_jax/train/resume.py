@@ -1,6 +1,6 @@
 """Resumable training checkpoints: orbax CheckpointManager over `<workdir>/checkpoints/<step>/`.
 
-Each checkpoint holds `state` (step, trainable params, optimizer state, rng: enough to continue bit-exactly; frozen
+Each checkpoint holds `state` (step, trainable params, optimizer state: enough to continue bit-exactly; frozen
 params are rebuilt from `config.init`) and `data` (every process's input-iterator state, one JSON file per process).
 Saves are asynchronous; the arrays are copied off the device before `save` returns, so the next step may reuse
 (donate) their buffers. The exported model (`llava_jax/model_dir.py`) is a separate, final artefact.

@@ -2,7 +2,7 @@
 frozen params and batch on the mesh, and the step compiled ahead of time.
 
     setup = create(model_config, rules, optim, total_steps, mesh, global_batch=8, seq_len=256)
-    state, frozen = init_state(setup, params, seed=0)
+    state, frozen = init_state(setup, params)
     state, metrics = setup.step(state, frozen, batch)
 
 `bench/` and the tests call these directly; `trainer.py` adds data, checkpoints and logging around them.
@@ -24,9 +24,6 @@ from llava_jax.models.llava import Llava, abstract_params, param_logical_axes
 from llava_jax.train import optim as optim_lib
 from llava_jax.train import partition
 from llava_jax.train.step import TrainState, make_train_step
-
-BATCH_KEYS = ('input_ids', 'labels', 'attention_mask', 'pixel_values')
-
 
 @dataclasses.dataclass
 class StepSetup:
@@ -106,8 +103,7 @@ def create(model_config: LlavaConfig, rules, optim, total_steps: int, mesh: Mesh
   tx, lr = optim_lib.make_optimizer(optim, total_steps, trainable)
   rep = sharding.replicated(mesh)
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=trainable,
-                     opt_state=opt_state_shardings(tx, trainable, mesh),
-                     rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+                     opt_state=opt_state_shardings(tx, trainable, mesh))
   batch = abstract_batch(mesh, model_config, global_batch, seq_len)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   fn = make_train_step(model, tx, lr, grad_accum_steps)
@@ -135,10 +131,10 @@ def _memory_report(compiled) -> str:
           f'aliased {mib(m.alias_size_in_bytes)}')
 
 
-def init_state(setup: StepSetup, params, seed: int) -> tuple[TrainState, Any]:
+def init_state(setup: StepSetup, params) -> tuple[TrainState, Any]:
   """Full params (any dtype / placement) -> (TrainState with fresh optimizer state, frozen params) on the mesh."""
   trainable, frozen = partition.split(params, setup.mask)
-  return new_state(setup, place(trainable, setup.abstract_state.params), seed), place(frozen, setup.abstract_frozen)
+  return new_state(setup, place(trainable, setup.abstract_state.params)), place(frozen, setup.abstract_frozen)
 
 
 def place(tree, abstract):
@@ -146,16 +142,15 @@ def place(tree, abstract):
   return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x).astype(a.dtype), a.sharding), tree, abstract)
 
 
-def new_state(setup: StepSetup, trainable, seed: int) -> TrainState:
-  """Step 0: placed trainable params, fresh optimizer state (sharded like them), rng from `seed`."""
+def new_state(setup: StepSetup, trainable) -> TrainState:
+  """Step 0: placed trainable params, fresh optimizer state (sharded like them)."""
   opt_sh = jax.tree.map(lambda x: x.sharding, setup.abstract_state.opt_state)
   opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(trainable)
   rep = sharding.replicated(setup.mesh)
   # Made by a compiled function, not device_put: with several processes, device_put of host values compares
   # them across processes first (a collective program compiled per call).
-  step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)),
-                      out_shardings=(rep, rep))()
-  return TrainState(step=step, params=trainable, opt_state=opt_state, rng=rng)
+  step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=rep)()
+  return TrainState(step=step, params=trainable, opt_state=opt_state)
 
 
 def make_global_batch(setup: StepSetup, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

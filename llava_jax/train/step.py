@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llava_jax.data.tokenize import IGNORE_INDEX
 from llava_jax.train import partition
 
-IGNORE_INDEX = -100
 Batch = dict[str, jax.Array]
 
 
@@ -25,7 +25,6 @@ class TrainState:
   step: jax.Array   # int32 [], train steps taken (batches consumed, non-finite skipped ones included)
   params: Any       # trainable subtree, fp32
   opt_state: Any
-  rng: jax.Array    # uint32 [2], folded with the step for any randomness in the step
 
 
 def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,7 +85,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callab
     # A non-finite step never reaches the state (so it can never be checkpointed); the host decides stop or skip.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+                           opt_state=keep(opt_state, state.opt_state))
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': lr_schedule(state.step), 'tokens': n_tokens,
                'finite': finite.astype(jnp.int32)}
     return new_state, metrics

@@ -133,7 +133,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   trainable, frozen = init_lib.initial_params(config.init, model_config, setup.mask, setup.abstract_state.params,
                                               setup.abstract_frozen, config.seed, log=log)
   if latest is None:
-    state = setup_lib.new_state(setup, trainable, config.seed)
+    state = setup_lib.new_state(setup, trainable)
   else:
     del trainable
     state, data_state = ckpts.restore(latest, setup.abstract_state)
