@@ -1,9 +1,12 @@
-"""The demo pipeline (configs/demo.py) at a very small scale, and the demo QA scoring.
+"""The demo pipeline (configs/demo.py), shortened so that it runs in the suite yet still learns, and its QA scoring.
 
-The full demo's accuracy target is checked by running it (see the report); here: the pipeline runs every stage
-with the real stage machinery (stage 1 changes only the projector, stage 2 never the encoder), resumes as a
-no-op, and writes results.json with the chance level of its QA set. The vision warm-up's labels are exact and its
-training fits them.
+`SHORT` keeps every stage of the README command with a tenth of its data and steps (a vision warm-up of 60 steps,
+50 + 30 + 300 steps of the three stages). It must answer the held-out QA better than `FLOOR` and beat its own
+blind score (every image blank) by `MARGIN`. Measured on the 2-core machine (2026-12-02, 64 questions, chance
+0.354): here (8 CPU devices) 0.656, blind 0.391; as one device 0.672, blind 0.359; as one device with the image
+path broken (blank images in training and scoring) 0.359, blind 0.359, and with a broken stage-2 mask (projector
+and LLM frozen, the encoder trained) 0.0. Besides: stage 1 changes only the projector, stage 2 never the encoder;
+a rerun is a no-op; the vision warm-up learns the boxes.
 """
 import json
 import os
@@ -18,11 +21,9 @@ from llava_jax.train import cli, config_checks, partition
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, 'configs', 'demo.py')
-SMALL = ['demo.num_train_images=24', 'demo.num_qa=8', 'demo.num_vqa_train=16', 'eval.batch_size=8',
-         'eval.max_new_tokens=2', 'vision_warmup.steps=2', 'vision_warmup.batch_size=8',
-         'stages.warmup.train.steps=2', 'stages.stage1.train.steps=2', 'stages.stage2.train.steps=2',
-         'stages.warmup.data.global_batch_size=8', 'stages.stage1.data.global_batch_size=8',
-         'stages.stage2.data.global_batch_size=8']
+SHORT = ['demo.num_train_images=300', 'demo.num_qa=64', 'demo.num_vqa_train=2000', 'vision_warmup.steps=60',
+         'stages.warmup.train.steps=50', 'stages.stage1.train.steps=30', 'stages.stage2.train.steps=300']
+FLOOR, MARGIN = 0.5, 0.15
 
 
 def test_score_and_chance():
@@ -38,7 +39,7 @@ def test_score_and_chance():
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('demo')
-  config = cli.load(DEMO, SMALL, workdir=str(workdir))
+  config = cli.load(DEMO, SHORT, workdir=str(workdir))
   pipeline.validate(config, num_devices=jax.device_count())
   return workdir, config, pipeline.run(config)
 
@@ -48,16 +49,16 @@ def _params(path):
   return partition.flatten(jax.device_get(model_dir.load_params(path, config)))
 
 
-def test_demo_pipeline_runs_every_stage_and_writes_results(demo_run):
+def test_demo_learns_to_look_at_the_image(demo_run):
   workdir, _, result = demo_run
   assert result['status'] == 'completed'
   scores = json.loads((workdir / 'results.json').read_text())
   meta = json.loads((workdir / 'data' / 'meta.json').read_text())
-  assert scores['num_questions'] == 8
+  assert scores['num_questions'] == 64
   assert scores['chance_accuracy'] == pytest.approx(meta['chance_accuracy'], abs=1e-4)
-  for key in ('accuracy', 'blind_accuracy'):
-    assert 0.0 <= scores[key] <= 1.0
-  assert set(scores['accuracy_by_type']) <= {'color', 'shape', 'count', 'exists'}
+  assert scores['accuracy'] >= FLOOR, scores
+  assert scores['accuracy'] - scores['blind_accuracy'] >= MARGIN, scores
+  assert set(scores['accuracy_by_type']) == {'color', 'shape', 'count', 'exists'}
 
 
 def test_demo_stages_freeze_what_the_paper_freezes(demo_run):
@@ -116,19 +117,18 @@ def test_patch_labels_reject_bad_input(tmp_path):
     vision_warmup.patch_labels(str(path), 64, 32)
 
 
-def test_vision_warmup_fits_its_training_patches(demo_run, tmp_path):
+def test_vision_warmup_learns_the_patches(demo_run):
+  """The pipeline's own warm-up: its loss falls, the held-out patches are named right, and its export is a whole
+  LLaVA model (the stages load it with init.vision_from) in which only the tower differs from a fresh init."""
+  from llava_jax.models.llava import init_params
   workdir, config, _ = demo_run
-  (tmp_path / 'data').symlink_to(workdir / 'data')
-  cfg = config.vision_warmup.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.steps, cfg.batch_size = 40, 24
+  metrics = json.loads((workdir / 'vision_warmup' / 'metrics.json').read_text())
+  assert metrics['steps'] == 60 and metrics['last_loss'] < 0.3 * metrics['first_loss'], metrics
+  accuracy = metrics['held_out_patch_accuracy']
+  assert set(accuracy) == {'colour', 'shape', 'object'} and min(accuracy.values()) >= 0.7, accuracy
+  params = _params(str(workdir / 'vision_warmup' / 'model'))
   model_config = config_checks.model_config(config.stages.warmup)
-  out = vision_warmup.train(cfg, model_config, str(tmp_path), log=lambda _: None)
-  metrics = json.loads((tmp_path / 'vision_warmup' / 'metrics.json').read_text())
-  assert metrics['steps'] == 40 and metrics['last_loss'] < 0.3 * metrics['first_loss'], metrics
-  assert set(metrics['held_out_patch_accuracy']) == {'colour', 'shape', 'object'}
-  # The export is a whole LLaVA model (the stages load it with init.vision_from) with the trained tower.
-  params = _params(out)
-  two_steps = _params(str(workdir / 'vision_warmup' / 'model'))  # the pipeline's, 2 steps
-  assert params.keys() == two_steps.keys()
-  assert any(not np.array_equal(params[k], two_steps[k]) for k in params if k.startswith('vision_tower/'))
+  fresh = partition.flatten(jax.device_get(init_params(model_config, jax.random.key(config.vision_warmup.seed))))
+  assert params.keys() == fresh.keys()
+  assert all(np.array_equal(params[k], fresh[k]) for k in params if not k.startswith('vision_tower/'))
+  assert any(not np.array_equal(params[k], fresh[k]) for k in params if k.startswith('vision_tower/'))
