@@ -41,12 +41,13 @@ class LlamaBlock(nn.Module):
     v = dense((nkv, hd), ('embed', 'kv_heads', 'head_dim'), name='v_proj', dtype=dt, param_dtype=pdt)(h)
     q = rope(q, positions, c.rope_theta)
     k = rope(k, positions, c.rope_theta)
-    new_cache = None
+    new_kv = None
     if layer_cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(layer_cache['k'], k.astype(layer_cache['k'].dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(layer_cache['v'], v.astype(layer_cache['v'].dtype), cache_index, 1)
-      new_cache = {'k': k, 'v': v}
-      k, v = k.astype(dt), v.astype(dt)
+      # Only the new K/V leave the layer scan; the caller writes them into the stacked cache in place (carrying
+      # the whole cache through the scan copies it once per layer and step).
+      new_kv = {'k': k.astype(layer_cache['k'].dtype), 'v': v.astype(layer_cache['v'].dtype)}
+      k = jax.lax.dynamic_update_slice_in_dim(layer_cache['k'], new_kv['k'], cache_index, 1).astype(dt)
+      v = jax.lax.dynamic_update_slice_in_dim(layer_cache['v'], new_kv['v'], cache_index, 1).astype(dt)
     o = attention(q, k, v, mask)
     o = dense(c.hidden_size, ('q_heads', 'head_dim', 'embed'), name='o_proj', dtype=dt, param_dtype=pdt,
               axis=(-2, -1))(o)
@@ -58,7 +59,7 @@ class LlamaBlock(nn.Module):
     h = dense(c.hidden_size, ('mlp', 'embed'), name='down_proj', dtype=dt, param_dtype=pdt)(h)
     x = x + h
     x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))
-    return x, new_cache
+    return x, new_kv
 
 
 class LlamaForCausalLM(nn.Module):
@@ -105,13 +106,14 @@ class LlamaForCausalLM(nn.Module):
       index = cache['index']
       positions = jnp.maximum(cache['next_pos'][:, None] + steps - 1, 0)
       kv_mask = jax.lax.dynamic_update_slice_in_dim(cache['mask'], valid, index, 1)  # [b, T]
-      slots = jnp.arange(kv_mask.shape[1])
-      causal = slots[None, :] <= (index + jnp.arange(s))[:, None]  # [s, T]
-      mask = causal[None, None] & kv_mask[:, None, None, :]
+      mask = kv_mask[:, None, None, :]
+      if s > 1:  # one new token attends to every filled slot (so the cache may be used as a ring, see serve/)
+        slots = jnp.arange(kv_mask.shape[1])
+        mask = mask & (slots[None, :] <= (index + jnp.arange(s))[:, None])[None, None]  # [s, T]
       layer_cache = {'k': cache['k'], 'v': cache['v']}
     x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype),
                                    ('activation_batch', 'activation_length', 'activation_embed'))
-    x, new_layer_cache = self.layers(x, layer_cache, positions, mask, index)
+    x, new_kv = self.layers(x, layer_cache, positions, mask, index)
     x = self.norm(x)
     if self.config.tie_word_embeddings:
       logits = self.embed_tokens.attend(x)
@@ -120,6 +122,7 @@ class LlamaForCausalLM(nn.Module):
     logits = nn.with_logical_constraint(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
     if cache is None:
       return logits
-    new_cache = {'k': new_layer_cache['k'], 'v': new_layer_cache['v'], 'mask': kv_mask, 'index': index + s,
-                 'next_pos': cache['next_pos'] + steps[:, -1]}
+    write = lambda full, new: jax.lax.dynamic_update_slice_in_dim(full, new, index, 2)  # [layers, b, T, ...]
+    new_cache = {'k': write(cache['k'], new_kv['k']), 'v': write(cache['v'], new_kv['v']), 'mask': kv_mask,
+                 'index': index + s, 'next_pos': cache['next_pos'] + steps[:, -1]}
     return logits, new_cache
