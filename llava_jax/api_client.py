@@ -1,10 +1,12 @@
-"""OpenAI-compatible chat-completions client (stdlib only) and a resumable JSONL result store.
+"""Chat-completions client on the `openai` SDK, and a resumable JSONL result store.
 
 Used by `llava_jax.datagen` (GPT-assisted instruction data) and `llava_jax.eval` (LLaVA-Bench judge).
 
-- `ChatClient.complete(messages)` POSTs to `{base_url}/chat/completions` with retries (exponential
-  backoff with jitter), honours `Retry-After` / `retry-after-ms` on 429, a per-request socket timeout,
-  a concurrency limit shared by all threads, and counts token usage.
+- `ChatClient.complete(messages)` sends one request through `openai.OpenAI` against any OpenAI-compatible
+  `base_url`. Retries, their backoff (0.5 s doubling to 8 s, jittered), `Retry-After` / `retry-after-ms`
+  (honoured up to 2 minutes; a longer one is not retried) and timeouts are the SDK's. We add what it lacks:
+  an HTTP 200 whose body is not a chat completion is retried like a dropped connection, every retry is
+  logged with its cause, a concurrency limit is shared by all threads, and token usage is counted.
 - The API key is read from an environment variable whose *name* is configured; the key is never
   printed, logged, or put into exception messages.
 - `ResultStore` is an append-only JSONL file keyed by `record['key']` (last record wins); each record is
@@ -16,24 +18,23 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import email.utils
-import http.client
 import json
 import os
-import random
-import socket
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Callable, Iterable, Iterator, Optional
 
-# Statuses worth retrying: timeouts, conflicts, rate limits and server-side failures.
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+import httpx2
+import openai
+
+# Statuses the SDK retries (x-should-retry aside); ApiError.retryable says "trying again later can help".
+RETRYABLE_STATUS = frozenset({408, 409, 429})
 # Statuses that mean every further request fails the same way: stop the whole run.
 FATAL_STATUS = frozenset({401, 403, 404})
+# A server on this machine is never reached through an HTTP(S)_PROXY from the environment.
+LOCAL_HOSTS = ('127.0.0.1', 'localhost', '::1')
 
 
 def log_stderr(msg: str):
@@ -43,12 +44,10 @@ def log_stderr(msg: str):
 class ApiError(Exception):
   """A request that failed; `retryable` says whether trying again can help."""
 
-  def __init__(self, message: str, *, status: Optional[int] = None, retryable: bool = False,
-               retry_after: Optional[float] = None):
+  def __init__(self, message: str, *, status: Optional[int] = None, retryable: bool = False):
     super().__init__(message)
     self.status = status
     self.retryable = retryable
-    self.retry_after = retry_after
 
   @property
   def fatal(self) -> bool:
@@ -62,9 +61,8 @@ class ClientConfig:
   base_url: e.g. 'https://api.openai.com/v1' (requests go to base_url + '/chat/completions'; a URL
     already ending in '/chat/completions' is used as is).
   api_key_env: name of the environment variable holding the key; None or '' sends no key (local servers).
-  max_retries: extra attempts after the first one for retryable failures.
-  backoff_s / max_backoff_s: attempt k waits uniform(d/2, d) with d = min(max_backoff_s, backoff_s * 2**k).
-  timeout_s: socket timeout of one attempt (connect and each read).
+  max_retries: extra attempts after the first one for retryable failures (the SDK's backoff between them).
+  timeout_s: timeout of one attempt (connect, each read and write).
   """
   base_url: str
   model: str
@@ -73,8 +71,6 @@ class ClientConfig:
   api_key_env: Optional[str] = 'OPENAI_API_KEY'
   concurrency: int = 4
   max_retries: int = 6
-  backoff_s: float = 1.0
-  max_backoff_s: float = 60.0
   timeout_s: float = 120.0
 
   def __post_init__(self):
@@ -103,33 +99,50 @@ class ChatReply:
   attempts: int
 
 
-def parse_retry_after(headers) -> Optional[float]:
-  """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date); None if absent."""
-  ms = headers.get('retry-after-ms')
-  if ms is not None:
-    try:
-      return max(0.0, float(ms) / 1000.0)
-    except ValueError:
-      pass
-  value = headers.get('Retry-After')
-  if value is None:
-    return None
+class MalformedResponse(httpx2.DecodingError):
+  """An HTTP 200 that is not a chat completion (a proxy's HTML page, truncated JSON).
+
+  Raised inside the HTTP exchange, so the SDK retries it as it retries a dropped connection.
+  """
+
+
+def check_completion(response: httpx2.Response):
+  """httpx response hook: reads the body (kept for error messages) and rejects a 200 without a reply text."""
+  response.read()
+  if response.status_code != 200:
+    return
   try:
-    return max(0.0, float(value))
-  except ValueError:
-    pass
-  try:
-    when = email.utils.parsedate_to_datetime(value)
-  except (TypeError, ValueError):
-    return None
-  return max(0.0, when.timestamp() - time.time())
+    text = json.loads(response.content)['choices'][0]['message']['content']
+    if not isinstance(text, str):
+      raise TypeError('message.content is not a string')
+  except (ValueError, KeyError, IndexError, TypeError) as e:
+    snippet = response.content[:120].decode('utf-8', 'replace')
+    raise MalformedResponse(f'({e}): {snippet!r}', request=response.request) from None
+
+
+class OpenAI(openai.OpenAI):  # the class name is the SDK's User-Agent
+  """`openai.OpenAI` whose waits between retries go through `on_retry(error, wait, retry, max_retries)`.
+
+  `_sleep_for_retry` is the one SDK internal we replace (openai is pinned): the wait stays the SDK's, but
+  the caller logs why, counts it, and tests record it instead of sleeping.
+  """
+
+  def __init__(self, *, on_retry, **kwargs):
+    super().__init__(**kwargs)
+    self._on_retry = on_retry
+
+  def _sleep_for_retry(self, *, retries_taken, max_retries, options, response):
+    headers = response.headers if response is not None else None
+    wait = self._calculate_retry_timeout(max_retries - retries_taken, options, headers)
+    # The SDK calls this inside its `except` block, so exc_info is the failure being retried.
+    self._on_retry(sys.exc_info()[1], wait, retries_taken + 1, max_retries)
 
 
 class ChatClient:
   """Thread-safe chat-completions client. `usage` holds running totals over all calls."""
 
   def __init__(self, config: ClientConfig, *, sleep: Callable[[float], None] = time.sleep,
-               seed: Optional[int] = None, log: Callable[[str], None] = log_stderr):
+               log: Callable[[str], None] = log_stderr):
     self.config = config
     self._key = None
     if config.api_key_env:
@@ -138,16 +151,20 @@ class ChatClient:
         raise ValueError(f'environment variable {config.api_key_env} (the API key) is not set; '
                          'set it, or pass an empty --api-key-env for a server without keys')
     self._sleep = sleep
-    self._rng = random.Random(seed)
     self._log = log
     self._slots = threading.BoundedSemaphore(config.concurrency)
-    host = urllib.parse.urlsplit(config.endpoint).hostname
-    # A server on this machine is never reached through an HTTP(S)_PROXY from the environment.
-    handlers = [urllib.request.ProxyHandler({})] if host in ('127.0.0.1', 'localhost', '::1') else []
-    self._opener = urllib.request.build_opener(*handlers)
     self._lock = threading.Lock()
+    self._attempts = threading.local()  # attempts of the call running on this thread
     self._usage = dict(requests=0, ok=0, retries=0, failed=0,
                        prompt_tokens=0, completion_tokens=0, total_tokens=0)
+    base_url = config.endpoint[:-len('/chat/completions')]
+    http_client = openai.DefaultHttpxClient(
+        trust_env=urllib.parse.urlsplit(base_url).hostname not in LOCAL_HOSTS,
+        event_hooks={'request': [self._on_request], 'response': [check_completion]})
+    # Without a key: api_key='' (None would read OPENAI_API_KEY), and `complete` omits the Authorization header.
+    self._sdk = OpenAI(on_retry=self._on_retry, api_key=self._key or '', base_url=base_url,
+                       timeout=config.timeout_s, max_retries=config.max_retries, http_client=http_client,
+                       _enforce_credentials=bool(self._key))
 
   def __repr__(self):  # never show the key
     return f'ChatClient(endpoint={self.config.endpoint!r}, model={self.config.model!r})'
@@ -165,88 +182,72 @@ class ChatClient:
   def _scrub(self, text: str) -> str:
     return text.replace(self._key, '***') if self._key else text
 
-  def backoff(self, attempt: int) -> float:
-    """Seconds to wait before retry number `attempt` (0-based), with jitter."""
-    d = min(self.config.max_backoff_s, self.config.backoff_s * (2 ** attempt))
-    with self._lock:
-      return d / 2 + self._rng.uniform(0, d / 2)
+  def _on_request(self, request):
+    self._count(requests=1)
+    self._attempts.n += 1
+
+  def _describe(self, failure) -> str:
+    """One line naming why an attempt failed (an httpx response or exception), without the key."""
+    endpoint = self.config.endpoint
+    if isinstance(failure, httpx2.HTTPStatusError):
+      failure = failure.response
+    if isinstance(failure, httpx2.Response):
+      text = f'HTTP {failure.status_code} from {endpoint}: {failure.text.strip()[:200]}'
+    elif isinstance(failure, MalformedResponse):
+      text = f'malformed response from {endpoint} {failure}'
+    elif isinstance(failure, httpx2.TimeoutException):
+      text = f'timeout after {self.config.timeout_s}s from {endpoint}'
+    else:
+      text = f'connection error to {endpoint}: {failure}'
+    return self._scrub(text)
+
+  def _on_retry(self, error, wait: float, retry: int, max_retries: int):
+    self._count(retries=1)
+    self._log(f'[api] {self._describe(error)}; retry {retry}/{max_retries} in {wait:.2f}s')
+    self._sleep(wait)
 
   def complete(self, messages: list[dict], **params) -> ChatReply:
-    """One chat completion, retried on retryable failures.
+    """One chat completion, retried by the SDK on retryable failures.
 
     messages: [{'role': 'system'|'user'|'assistant', 'content': str}, ...].
-    params: extra request fields (override model/temperature/max_tokens from the config).
+    params: further `chat.completions.create` arguments (override model/temperature/max_tokens).
     Raises ApiError once retries are exhausted or on a non-retryable status.
     """
-    body = {'model': self.config.model, 'messages': messages, 'temperature': self.config.temperature}
+    request = {'model': self.config.model, 'messages': messages, 'temperature': self.config.temperature}
     if self.config.max_tokens is not None:
-      body['max_tokens'] = self.config.max_tokens
-    body.update(params)
-    data = json.dumps(body).encode('utf-8')
-    attempt = 0
-    while True:
-      try:
-        with self._slots:
-          self._count(requests=1)
-          reply = self._post(data)
-        reply = dataclasses.replace(reply, attempts=attempt + 1)
-        self._count(ok=1, **reply.usage)
-        return reply
-      except ApiError as e:
-        if not e.retryable or attempt >= self.config.max_retries:
-          self._count(failed=1)
-          if e.retryable:
-            raise ApiError(f'{e} (gave up after {attempt + 1} attempts)', status=e.status) from None
-          raise
-        wait = self.backoff(attempt)
-        if e.retry_after is not None:  # the server knows best when capacity returns
-          wait = max(wait, e.retry_after) if e.status != 429 else e.retry_after
-        self._count(retries=1)
-        self._log(f'[api] {e}; retry {attempt + 1}/{self.config.max_retries} in {wait:.2f}s')
-        self._sleep(wait)
-        attempt += 1
-
-  def _post(self, data: bytes) -> ChatReply:
-    headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
-    if self._key:
-      headers['Authorization'] = f'Bearer {self._key}'
-    request = urllib.request.Request(self.config.endpoint, data=data, headers=headers, method='POST')
+      request['max_tokens'] = self.config.max_tokens
+    if not self._key:
+      request['extra_headers'] = {'Authorization': openai.omit}
+    request.update(params)
+    self._attempts.n = 0
     try:
-      with self._opener.open(request, timeout=self.config.timeout_s) as response:
-        raw = response.read()
-    except urllib.error.HTTPError as e:
-      status = e.code
-      try:
-        detail = e.read(300).decode('utf-8', 'replace')
-      except Exception:  # the body is only for the message
-        detail = ''
-      retryable = status in RETRYABLE_STATUS or status >= 500
-      retry_after = parse_retry_after(e.headers) if e.headers is not None else None
-      raise ApiError(self._scrub(f'HTTP {status} from {self.config.endpoint}: {detail.strip()[:200]}'),
-                     status=status, retryable=retryable, retry_after=retry_after) from None
-    except (socket.timeout, TimeoutError):
-      raise ApiError(f'timeout after {self.config.timeout_s}s from {self.config.endpoint}',
-                     retryable=True) from None
-    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError) as e:
-      reason = getattr(e, 'reason', e)
-      raise ApiError(self._scrub(f'connection error to {self.config.endpoint}: {reason}'),
-                     retryable=True) from None
-    return self._parse(raw)
+      with self._slots:  # held through the SDK's retry waits, so a throttled run does not add load
+        completion = self._sdk.chat.completions.create(**request)
+    except openai.APIStatusError as e:
+      self._count(failed=1)
+      raise self._error(e.response, e.status_code) from None
+    except openai.APIConnectionError as e:  # timeouts, dropped connections, malformed replies
+      self._count(failed=1)
+      raise self._error(e.__cause__ or e, None) from None
+    choice = completion.choices[0]
+    usage = {k: int(getattr(completion.usage, k, 0) or 0)
+             for k in ('prompt_tokens', 'completion_tokens', 'total_tokens')}
+    self._count(ok=1, **usage)
+    return ChatReply(text=choice.message.content, finish_reason=choice.finish_reason, usage=usage,
+                     attempts=self._attempts.n)
 
-  def _parse(self, raw: bytes) -> ChatReply:
-    try:
-      payload = json.loads(raw)
-      choice = payload['choices'][0]
-      text = choice['message']['content']
-      if not isinstance(text, str):
-        raise TypeError('message.content is not a string')
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-      snippet = raw[:120].decode('utf-8', 'replace')
-      raise ApiError(self._scrub(f'malformed response from {self.config.endpoint} ({e}): {snippet!r}'),
-                     retryable=True) from None
-    usage = payload.get('usage') or {}
-    usage = {k: int(usage.get(k) or 0) for k in ('prompt_tokens', 'completion_tokens', 'total_tokens')}
-    return ChatReply(text=text, finish_reason=choice.get('finish_reason'), usage=usage, attempts=1)
+  def _error(self, failure, status: Optional[int]) -> ApiError:
+    """The ApiError of a call that failed for good; `failure` is the last httpx response or exception."""
+    text = self._describe(failure)
+    retryable = status is None or status in RETRYABLE_STATUS or status >= 500
+    attempts = self._attempts.n
+    if status is not None and retryable and attempts <= self.config.max_retries:  # the SDK declined
+      asked = {h: failure.headers[h] for h in ('retry-after-ms', 'retry-after', 'x-should-retry')
+               if h in failure.headers}
+      text += f' (not retried: the server sent {asked}; the SDK waits at most 2 minutes)'
+    elif retryable:
+      text += f' (gave up after {attempts} attempts)'
+    return ApiError(text, status=status, retryable=retryable)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -421,9 +422,8 @@ def add_client_args(parser: argparse.ArgumentParser, *, temperature: float, max_
                       'printed); pass "" for servers without keys (default: %(default)s)')
   g.add_argument('--concurrency', type=int, default=4, help='requests in flight at once (default: %(default)s)')
   g.add_argument('--max-retries', type=int, default=6,
-                 help='retries per request on 429/5xx/timeouts/malformed responses (default: %(default)s)')
-  g.add_argument('--backoff', type=float, default=1.0,
-                 help='base of the exponential backoff in seconds; jittered, capped at 60 s (default: %(default)s)')
+                 help='retries per request on 429/5xx/timeouts/dropped connections/malformed responses, with '
+                      "the openai SDK's backoff and Retry-After (default: %(default)s)")
   g.add_argument('--timeout', type=float, default=120.0, help='per-request timeout in seconds (default: %(default)s)')
 
 
@@ -432,8 +432,5 @@ def client_from_args(args: argparse.Namespace, **kwargs) -> ChatClient:
     raise ValueError('--model is required to send requests')
   config = ClientConfig(base_url=args.base_url, model=args.model, temperature=args.temperature,
                         max_tokens=args.max_tokens, api_key_env=args.api_key_env or None,
-                        concurrency=args.concurrency, max_retries=args.max_retries,
-                        backoff_s=args.backoff, max_backoff_s=max(60.0, args.backoff),
-                        timeout_s=args.timeout)
+                        concurrency=args.concurrency, max_retries=args.max_retries, timeout_s=args.timeout)
   return ChatClient(config, **kwargs)
-

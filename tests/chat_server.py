@@ -63,7 +63,7 @@ class ChatServer:
     self._reply = reply
     self.api_key = api_key
     self.requests: list[dict] = []
-    self.headers: list[dict] = []
+    self.headers: list = []
     self.rules: list[_Rule] = []
     self._lock = threading.Lock()
     server = self
@@ -148,7 +148,7 @@ class ChatServer:
       return self._error(handler, 400, 'body is not JSON')
     with self._lock:
       self.requests.append(request)
-      self.headers.append(dict(handler.headers))
+      self.headers.append(handler.headers)  # an email.message.Message: names match in any case
       prompt = last_user_message(request)
       rule = next((r for r in self.rules if r.take(prompt)), None)
     if self.api_key is not None and handler.headers.get('Authorization') != f'Bearer {self.api_key}':

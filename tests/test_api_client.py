@@ -55,11 +55,11 @@ def fresh(server, monkeypatch):
 
 def make_client(server, logs=None, **overrides):
   cfg = dict(base_url=server.base_url, model='judge-1', temperature=0.3, max_tokens=64,
-             api_key_env='TEST_CHAT_KEY', concurrency=2, max_retries=3, backoff_s=0.01, timeout_s=5.0)
+             api_key_env='TEST_CHAT_KEY', concurrency=2, max_retries=3, timeout_s=5.0)
   cfg.update(overrides)
   sleeper = Sleeper()
   log = (logs.append if logs is not None else (lambda m: None))
-  return ChatClient(ClientConfig(**cfg), sleep=sleeper, seed=0, log=log), sleeper
+  return ChatClient(ClientConfig(**cfg), sleep=sleeper, log=log), sleeper
 
 
 def msgs(text):
@@ -92,10 +92,10 @@ def test_retries_transient_failures_then_succeeds(server):
   reply = client.complete(msgs('flaky one'))
   assert reply.text == 'echo: flaky one' and reply.attempts == 4
   assert client.usage['requests'] == 4 and client.usage['retries'] == 3 and client.usage['ok'] == 1
-  # exponential backoff with jitter: attempt k waits in [d/2, d], d = 0.01 * 2**k
+  # the SDK's exponential backoff with jitter: retry k waits in [0.75 d, d], d = 0.5 s * 2**k
   assert len(sleeper.waits) == 3
   for k, w in enumerate(sleeper.waits):
-    assert 0.01 * 2 ** k / 2 <= w <= 0.01 * 2 ** k
+    assert 0.75 * 0.5 * 2 ** k <= w <= 0.5 * 2 ** k
   assert sum('HTTP 500' in m for m in logs) == 1 and sum('malformed response' in m for m in logs) == 1
 
 
@@ -154,11 +154,16 @@ def test_key_never_leaks(server, monkeypatch):
     make_client(server)
 
 
-def test_parse_retry_after():
-  assert api_client.parse_retry_after({'retry-after-ms': '1500', 'Retry-After': '9'}) == 1.5
-  assert api_client.parse_retry_after({'Retry-After': '3'}) == 3.0
-  assert api_client.parse_retry_after({'Retry-After': 'soon'}) is None
-  assert api_client.parse_retry_after({}) is None
+def test_retry_after_headers(server):
+  client, sleeper = make_client(server)
+  server.add_fault('429', match='both', retry_after_ms=1500, retry_after='9')  # milliseconds win
+  server.add_fault('429', match='both', retry_after='soon')  # unparsable: the backoff instead
+  assert client.complete(msgs('both')).attempts == 3
+  assert sleeper.waits[0] == 1.5 and 0.75 * 0.5 * 2 <= sleeper.waits[1] <= 0.5 * 2
+  server.add_fault('429', match='patience', retry_after='300')  # over the SDK's 2 minutes: fail now
+  with pytest.raises(ApiError, match=r"HTTP 429.*not retried: the server sent {'retry-after': '300'}") as e:
+    client.complete(msgs('patience'))
+  assert e.value.status == 429 and e.value.retryable and len(sleeper.waits) == 2
 
 
 def test_store_last_wins_and_partial_line(tmp_path):

@@ -87,10 +87,10 @@ def contexts(coco_files):
 
 
 def make_client(server, **overrides):
-  cfg = dict(base_url=server.base_url, model='m', api_key_env=None, concurrency=3, max_retries=2,
-             backoff_s=0.001, timeout_s=5.0)
+  cfg = dict(base_url=server.base_url, model='m', api_key_env=None, concurrency=3, max_retries=2, timeout_s=5.0)
   cfg.update(overrides)
-  return api_client.ChatClient(api_client.ClientConfig(**cfg), log=lambda m: None)
+  # retry waits are not waited for (their timing is tested in test_api_client.py)
+  return api_client.ChatClient(api_client.ClientConfig(**cfg), sleep=lambda seconds: None, log=lambda m: None)
 
 
 def run(server, contexts, out, **kwargs):
@@ -245,7 +245,7 @@ def test_killed_process_resumes_to_same_result(server, coco_files, contexts, cle
   server.add_fault('slow', times=None, delay=0.08)
   cmd = [sys.executable, '-m', 'llava_jax.datagen', 'instruct', '--captions', coco_files[0],
          '--instances', coco_files[1], '--out', out, '--base-url', server.base_url, '--model', 'm',
-         '--api-key-env', '', '--concurrency', '1', '--backoff', '0.001']
+         '--api-key-env', '', '--concurrency', '1']
   env = dict(os.environ, PYTHONPATH=REPO)
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   store = os.path.join(out, 'responses.jsonl')

@@ -62,7 +62,7 @@ def files(tmp_path_factory):
 def review_args(server, files, out):
   return ['review', '--questions', files['questions'], '--context', files['context'], '--reference',
           files['reference'], '--answers', files['answers'], '--out', str(out), '--base-url', server.base_url,
-          '--model', 'judge', '--api-key-env', '', '--concurrency', '3', '--max-retries', '1', '--backoff', '0.001',
+          '--model', 'judge', '--api-key-env', '', '--concurrency', '3', '--max-retries', '1',
           '--timeout', '5']
 
 
