@@ -57,14 +57,16 @@ def randomize_(model, seed: int):
   return model.eval()
 
 
-def hf_llava(projector_act='gelu', select='default', tie=False, seed=0, rope_theta=10000.0):
-  """A tiny random transformers LlavaForConditionalGeneration (fp32, eval mode)."""
+def hf_llava(projector_act='gelu', select='default', tie=False, seed=0, rope_theta=10000.0, text_config=None):
+  """A tiny random transformers LlavaForConditionalGeneration (fp32, eval mode). `text_config`: another decoder's
+  HF config (Mistral, Qwen2, ...) in place of the tiny LLaMA one."""
   import torch
   import transformers
   torch.manual_seed(seed)
   text = dict(TINY_TEXT, tie_word_embeddings=tie, rope_parameters={'rope_type': 'default', 'rope_theta': rope_theta})
   config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_VISION),
-                                    text_config=transformers.LlamaConfig(**text), image_token_index=IMAGE_TOKEN,
+                                    text_config=text_config or transformers.LlamaConfig(**text),
+                                    image_token_index=IMAGE_TOKEN,
                                     projector_hidden_act=projector_act, vision_feature_select_strategy=select,
                                     vision_feature_layer=-2, tie_word_embeddings=tie)
   return randomize_(transformers.LlavaForConditionalGeneration(config), seed)

@@ -2,7 +2,8 @@
 
 Reading goes through transformers' config classes so that fields a checkpoint omits take HF's own defaults
 (llava-hf's config.json lists only the fields that differ). Anything our port does not implement (another
-activation, rope scaling, biases in LLaMA, several feature layers) is an error, never silently dropped.
+activation, rope scaling other than llama3, biases in LLaMA, several feature layers) is an error, never silently
+dropped.
 """
 from __future__ import annotations
 
@@ -42,27 +43,80 @@ def vision_from_hf(hc, where: str, feature_layer: int = -2, feature_select: str 
                       feature_select=feature_select)
 
 
-def rope_theta_of(hc, where: str) -> float:
+# HF model_type of a decoder -> ours; original-release model_types name the family after `llava_`.
+TEXT_MODEL_TYPES = {'llama': 'llama', 'mistral': 'mistral', 'qwen2': 'qwen2', 'llava_llama': 'llama',
+                    'llava_mistral': 'mistral', 'llava_qwen': 'qwen2', 'llava_qwen2': 'qwen2', 'llava': 'llama'}
+LLAMA3_ROPE_KEYS = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
+
+
+def rope_of(hc, where: str) -> dict:
+  """RoPE fields of LlamaConfig from HF `rope_parameters` (5.x) / `rope_scaling` (4.x): plain or llama3."""
   rp = getattr(hc, 'rope_parameters', None) or {}
   kind = rp.get('rope_type', rp.get('type', 'default'))
-  _need(kind == 'default', where, f'rope type {kind!r} (rope scaling) is not supported; only plain RoPE')
-  return float(rp.get('rope_theta', getattr(hc, 'rope_theta', 10000.0)))
+  _need(kind in ('default', 'llama3'), where, f'config.json key rope_scaling: rope_type {kind!r} is not supported; '
+        "supported: 'default' (no scaling) and 'llama3' (Llama-3.1)")
+  out = dict(rope_theta=float(rp.get('rope_theta', getattr(hc, 'rope_theta', 10000.0))), rope_type=kind)
+  if kind == 'llama3':
+    missing = [k for k in LLAMA3_ROPE_KEYS if k not in rp]
+    _need(not missing, where, f'config.json key rope_scaling (llama3) lacks {missing}')
+    out.update(rope_factor=float(rp['factor']), rope_low_freq_factor=float(rp['low_freq_factor']),
+               rope_high_freq_factor=float(rp['high_freq_factor']),
+               rope_original_max_position_embeddings=int(rp['original_max_position_embeddings']))
+  return out
+
+
+def rope_to_hf(t: LlamaConfig) -> dict:
+  """`rope_parameters` (5.x); 4.x reads `rope_theta` and, for scaled RoPE, the same dict as `rope_scaling`."""
+  rp = {'rope_type': t.rope_type, 'rope_theta': t.rope_theta}
+  if t.rope_type == 'llama3':
+    rp.update(factor=t.rope_factor, low_freq_factor=t.rope_low_freq_factor, high_freq_factor=t.rope_high_freq_factor,
+              original_max_position_embeddings=t.rope_original_max_position_embeddings)
+  out = {'rope_theta': t.rope_theta, 'rope_parameters': rp}
+  if t.rope_type != 'default':
+    out['rope_scaling'] = dict(rp)
+  return out
 
 
 def text_from_hf(hc, where: str, tie: Optional[bool] = None) -> LlamaConfig:
-  """transformers LlamaConfig -> LlamaConfig."""
+  """transformers LlamaConfig / MistralConfig / Qwen2Config -> LlamaConfig."""
+  family = TEXT_MODEL_TYPES.get(getattr(hc, 'model_type', 'llama'))
+  _need(family is not None, where, f'config.json key model_type={hc.model_type!r}; supported decoders: '
+        f'{sorted(set(TEXT_MODEL_TYPES.values()))}')
   _need(hc.hidden_act == 'silu', where, f'text hidden_act={hc.hidden_act!r}; only silu (SwiGLU) is ported')
   _need(not getattr(hc, 'attention_bias', False), where, 'text attention_bias=True is not supported (LLaMA has none)')
   _need(not getattr(hc, 'mlp_bias', False), where, 'text mlp_bias=True is not supported (LLaMA has none)')
+  window = getattr(hc, 'sliding_window', None) if family == 'mistral' else None
+  if family == 'qwen2':
+    _need(not getattr(hc, 'use_sliding_window', False), where,
+          'config.json key use_sliding_window=true is not supported for qwen2 (the public Qwen2 models have false)')
   heads = hc.num_attention_heads
   kv = hc.num_key_value_heads if getattr(hc, 'num_key_value_heads', None) else heads
   head_dim = getattr(hc, 'head_dim', None)
   return LlamaConfig(vocab_size=hc.vocab_size, hidden_size=hc.hidden_size, intermediate_size=hc.intermediate_size,
                      num_layers=hc.num_hidden_layers, num_heads=heads, num_kv_heads=kv,
                      head_dim=None if head_dim in (None, hc.hidden_size // heads) else head_dim,
-                     rms_norm_eps=hc.rms_norm_eps, rope_theta=rope_theta_of(hc, where),
-                     max_position_embeddings=hc.max_position_embeddings,
-                     tie_word_embeddings=bool(hc.tie_word_embeddings if tie is None else tie))
+                     rms_norm_eps=hc.rms_norm_eps, max_position_embeddings=hc.max_position_embeddings,
+                     tie_word_embeddings=bool(hc.tie_word_embeddings if tie is None else tie),
+                     model_type=family, sliding_window=window, **rope_of(hc, where))
+
+
+def text_to_hf(t: LlamaConfig, torch_dtype: str) -> dict[str, Any]:
+  """Our LlamaConfig -> an HF decoder config dict (LlamaConfig / MistralConfig / Qwen2Config)."""
+  out = {
+      'model_type': t.model_type, 'vocab_size': t.vocab_size, 'hidden_size': t.hidden_size,
+      'intermediate_size': t.intermediate_size, 'num_hidden_layers': t.num_layers,
+      'num_attention_heads': t.num_heads, 'num_key_value_heads': t.num_kv_heads, 'head_dim': t.dim_per_head,
+      'hidden_act': 'silu', 'rms_norm_eps': t.rms_norm_eps, **rope_to_hf(t),
+      'max_position_embeddings': t.max_position_embeddings, 'tie_word_embeddings': t.tie_word_embeddings,
+      'torch_dtype': torch_dtype, 'dtype': torch_dtype,
+  }
+  if t.model_type == 'llama':
+    out.update(attention_bias=False, mlp_bias=False)
+  elif t.model_type == 'mistral':
+    out['sliding_window'] = t.sliding_window
+  else:
+    out.update(use_sliding_window=False, sliding_window=None)
+  return out
 
 
 def llava_from_hf(hc, where: str, param_dtype: str) -> tuple[LlavaConfig, bool]:
@@ -101,15 +155,7 @@ def llava_to_hf(config: LlavaConfig, torch_dtype: str, tokenizer=None) -> dict[s
   activation (see flax_to_hf).
   """
   v, t = config.vision, config.text
-  text = {
-      'model_type': 'llama', 'vocab_size': t.vocab_size, 'hidden_size': t.hidden_size,
-      'intermediate_size': t.intermediate_size, 'num_hidden_layers': t.num_layers,
-      'num_attention_heads': t.num_heads, 'num_key_value_heads': t.num_kv_heads, 'head_dim': t.dim_per_head,
-      'hidden_act': 'silu', 'rms_norm_eps': t.rms_norm_eps, 'rope_theta': t.rope_theta,
-      'rope_parameters': {'rope_type': 'default', 'rope_theta': t.rope_theta},
-      'max_position_embeddings': t.max_position_embeddings, 'tie_word_embeddings': t.tie_word_embeddings,
-      'attention_bias': False, 'mlp_bias': False, 'torch_dtype': torch_dtype, 'dtype': torch_dtype,
-  }
+  text = text_to_hf(t, torch_dtype)
   vision = {
       'model_type': 'clip_vision_model', 'hidden_size': v.hidden_size, 'intermediate_size': v.intermediate_size,
       'num_hidden_layers': v.num_layers, 'num_attention_heads': v.num_heads, 'patch_size': v.patch_size,

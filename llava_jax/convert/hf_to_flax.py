@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.convert import layout
-from llava_jax.convert.hf_config import (llava_from_hf, original_projector, read_json, text_from_hf,
+from llava_jax.convert.hf_config import (TEXT_MODEL_TYPES, llava_from_hf, original_projector, read_json, text_from_hf,
                                          vision_from_hf)
 from llava_jax.convert.safetensors_io import TensorRef, open_checkpoint
 from llava_jax.models.clip import CLIPVisionTower
@@ -189,9 +189,9 @@ def load_hf_clip(path: str, *, feature_layer: int = -2, feature_select: str = 'p
 
 
 def load_hf_llama(path: str, *, dtype: Optional[str] = None, log: Log = None) -> tuple[LlamaConfig, dict]:
-  """LlamaForCausalLM checkpoint dir -> (LlamaConfig, language_model params)."""
+  """Llama / Mistral / Qwen2 ForCausalLM checkpoint dir -> (LlamaConfig, language_model params)."""
   import transformers
-  config = text_from_hf(transformers.LlamaConfig.from_pretrained(path), path)
+  config = text_from_hf(transformers.AutoConfig.from_pretrained(path), path)
   source, ignored = _rename(open_checkpoint(path), layout.canonical_llama, path)
   if config.tie_word_embeddings and layout.LM_HEAD in source:
     ignored.append(source.pop(layout.LM_HEAD).name)
@@ -255,7 +255,8 @@ def load_original_llava(path: str, *, vision_tower: Optional[str] = None, mm_pro
   import transformers
   raw = read_json(path)
   llm_json = {k: v for k, v in raw.items() if not k.startswith('mm_') and k != 'model_type'}
-  text_hc = transformers.LlamaConfig.from_dict(llm_json)
+  family = TEXT_MODEL_TYPES.get(raw.get('model_type', 'llama'), 'llama')  # llava_mistral -> mistral, ...
+  text_hc = transformers.AutoConfig.for_model(family, **llm_json)
   text = text_from_hf(text_hc, path)
 
   vision_dir = vision_tower or raw.get('mm_vision_tower')

@@ -68,6 +68,7 @@ LLAMA_BLOCK = (
     ('mlp.up_proj.weight', ('up_proj', 'kernel'), 'dense1'),
     ('mlp.down_proj.weight', ('down_proj', 'kernel'), 'dense1'),
 )
+QKV_BIASES = tuple((f'self_attn.{n}_proj.bias', (f'{n}_proj', 'bias'), 'flat') for n in 'qkv')  # Qwen2
 
 
 def hf_shape(kind: str, shape: tuple) -> tuple:
@@ -138,7 +139,8 @@ def text_entries(config: LlamaConfig, shapes: dict) -> list[Entry]:
   if not config.tie_word_embeddings:
     out.append(_entry(LM_HEAD, r + ('lm_head', 'kernel'), None, 'dense1', shapes))
   for i in range(config.num_layers):
-    out += [_entry(f'{p}layers.{i}.{hf}', r + ('layers',) + sub, i, kind, shapes) for hf, sub, kind in LLAMA_BLOCK]
+    block = LLAMA_BLOCK + (QKV_BIASES if config.qkv_bias else ())
+    out += [_entry(f'{p}layers.{i}.{hf}', r + ('layers',) + sub, i, kind, shapes) for hf, sub, kind in block]
   return out
 
 

@@ -10,6 +10,9 @@ FEATURE_SELECTS = ('patch', 'cls_patch')
 REMAT_POLICIES = {'none': None, 'full': 'nothing_saveable', 'dots': 'checkpoint_dots',
                   'dots_no_batch': 'dots_with_no_batch_dims_saveable'}
 DTYPES = ('float32', 'bfloat16', 'float16')
+# Decoder families: one LLaMA-style block; what differs is data (qkv biases, sliding window, rope scaling).
+MODEL_TYPES = ('llama', 'mistral', 'qwen2')
+ROPE_TYPES = ('default', 'llama3')
 
 
 def _check(cond: bool, msg: str):
@@ -57,7 +60,11 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """LLaMA / Vicuna decoder (defaults: Vicuna-7B v1.5)."""
+  """LLaMA-style decoder (defaults: Vicuna-7B v1.5). Families (`model_type`):
+  llama   LLaMA 1/2/3, Vicuna; Llama-3.1 adds rope_type='llama3' (frequency-dependent RoPE scaling)
+  mistral attention limited to the last `sliding_window` positions (None: full attention, Mistral v0.2+)
+  qwen2   biases on q/k/v (HF hard-codes them), tied embeddings at 0.5B/1.5B
+  """
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -69,8 +76,20 @@ class LlamaConfig:
   rope_theta: float = 10000.0
   max_position_embeddings: int = 4096
   tie_word_embeddings: bool = False
+  model_type: str = 'llama'
+  sliding_window: Optional[int] = None
+  # rope_type='llama3' (HF rope_parameters of Llama-3.1): the rope_* fields below are its parameters.
+  rope_type: str = 'default'
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position_embeddings: int = 8192
 
   def __post_init__(self):
+    _check(self.model_type in MODEL_TYPES, f'text.model_type={self.model_type!r}; allowed: {MODEL_TYPES}')
+    _check(self.rope_type in ROPE_TYPES, f'text.rope_type={self.rope_type!r}; allowed: {ROPE_TYPES}')
+    _check(self.sliding_window is None or (self.model_type == 'mistral' and self.sliding_window > 0),
+           f'text.sliding_window={self.sliding_window}: a positive window, only with model_type=mistral')
     _check(self.num_heads % self.num_kv_heads == 0,
            f'text.num_heads={self.num_heads} not a multiple of text.num_kv_heads={self.num_kv_heads}')
     if self.head_dim is None:
@@ -80,6 +99,10 @@ class LlamaConfig:
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def qkv_bias(self) -> bool:
+    return self.model_type == 'qwen2'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llava_jax.models.config import REMAT_POLICIES
 
@@ -134,14 +135,30 @@ class LayerNorm(nn.Module):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_inv_freq(head_dim: int, theta: float, llama3: Optional[tuple] = None) -> np.ndarray:
+  """RoPE inverse frequencies [head_dim / 2] (fp32, as HF computes them): 1 / theta^(arange(0, d, 2) / d).
+
+  llama3 = (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings): Llama-3.1's scaling,
+  which divides the low frequencies by `factor`, keeps the high ones and interpolates smoothly in between.
+  """
+  inv = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim))))
+  inv = inv.astype(np.float32)
+  if llama3 is None:
+    return inv
+  factor, low, high, old_len = llama3
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+  smooth = (old_len / wavelen - low) / (high - low)
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled).astype(np.float32)
+
+
+def rope(x: Array, positions: Array, inv_freq) -> Array:
   """Rotary embedding in HF's rotate_half convention.
 
-  x: [batch, seq, heads, head_dim]; positions: [batch, seq] int.
+  x: [batch, seq, heads, head_dim]; positions: [batch, seq] int; inv_freq: [head_dim / 2] (see rope_inv_freq).
   """
-  d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [b, s, d/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [b, s, 1, d]
   cos, sin = jnp.cos(emb), jnp.sin(emb)
   x32 = x.astype(jnp.float32)

@@ -1,4 +1,7 @@
-"""LLaMA / Vicuna decoder: RMSNorm, RoPE (rotate_half), grouped-query attention, SwiGLU, optional KV cache."""
+"""LLaMA-style decoder: RMSNorm, RoPE (rotate_half), grouped-query attention, SwiGLU, optional KV cache.
+
+Also Mistral (sliding-window attention), Llama-3.1 (llama3 rope scaling) and Qwen2 (q/k/v biases): see LlamaConfig.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -8,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.models.config import LlamaConfig
-from llava_jax.models.layers import RMSNorm, attention, dense, logical_init, maybe_remat, rope, swiglu
+from llava_jax.models.layers import RMSNorm, attention, dense, logical_init, maybe_remat, rope, rope_inv_freq, swiglu
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -25,6 +28,24 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32)
           'index': jnp.zeros((), jnp.int32), 'next_pos': jnp.zeros((batch,), jnp.int32)}
 
 
+def text_inv_freq(config: LlamaConfig):
+  """RoPE inverse frequencies of the decoder [head_dim / 2]."""
+  c = config
+  llama3 = None
+  if c.rope_type == 'llama3':
+    llama3 = (c.rope_factor, c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_original_max_position_embeddings)
+  return rope_inv_freq(c.dim_per_head, c.rope_theta, llama3)
+
+
+def sliding_window_mask(q_slots: Array, kv_slots: Array, window: Optional[int]) -> Optional[Array]:
+  """[q_len, kv_len] True where key slot > query slot - window (HF Mistral: the last `window` positions, the query
+  included); None without a window. Slots are sequence indices (prompts are left-padded, so real tokens are
+  contiguous and slot distance is position distance)."""
+  if window is None:
+    return None
+  return kv_slots[None, :] > q_slots[:, None] - window
+
+
 class LlamaBlock(nn.Module):
   config: LlamaConfig
   dtype: jnp.dtype
@@ -36,11 +57,15 @@ class LlamaBlock(nn.Module):
     c, dt, pdt = self.config, self.dtype, self.param_dtype
     nh, nkv, hd = c.num_heads, c.num_kv_heads, c.dim_per_head
     h = RMSNorm(c.rms_norm_eps, dt, pdt, name='input_layernorm')(x)
-    q = dense((nh, hd), ('embed', 'q_heads', 'head_dim'), name='q_proj', dtype=dt, param_dtype=pdt)(h)
-    k = dense((nkv, hd), ('embed', 'kv_heads', 'head_dim'), name='k_proj', dtype=dt, param_dtype=pdt)(h)
-    v = dense((nkv, hd), ('embed', 'kv_heads', 'head_dim'), name='v_proj', dtype=dt, param_dtype=pdt)(h)
-    q = rope(q, positions, c.rope_theta)
-    k = rope(k, positions, c.rope_theta)
+    q = dense((nh, hd), ('embed', 'q_heads', 'head_dim'), name='q_proj', dtype=dt, param_dtype=pdt,
+              use_bias=c.qkv_bias)(h)
+    k = dense((nkv, hd), ('embed', 'kv_heads', 'head_dim'), name='k_proj', dtype=dt, param_dtype=pdt,
+              use_bias=c.qkv_bias)(h)
+    v = dense((nkv, hd), ('embed', 'kv_heads', 'head_dim'), name='v_proj', dtype=dt, param_dtype=pdt,
+              use_bias=c.qkv_bias)(h)
+    inv_freq = text_inv_freq(c)
+    q = rope(q, positions, inv_freq)
+    k = rope(k, positions, inv_freq)
     new_kv = None
     if layer_cache is not None:
       # Only the new K/V leave the layer scan; the caller writes them into the stacked cache in place (carrying
@@ -101,15 +126,20 @@ class LlamaForCausalLM(nn.Module):
     if cache is None:
       positions = jnp.maximum(steps - 1, 0)
       causal = jnp.tril(jnp.ones((s, s), bool))
+      window = sliding_window_mask(jnp.arange(s), jnp.arange(s), self.config.sliding_window)
+      causal = causal if window is None else causal & window
       mask = causal[None, None] & valid[:, None, None, :]
     else:
       index = cache['index']
       positions = jnp.maximum(cache['next_pos'][:, None] + steps - 1, 0)
       kv_mask = jax.lax.dynamic_update_slice_in_dim(cache['mask'], valid, index, 1)  # [b, T]
       mask = kv_mask[:, None, None, :]
+      slots, q_slots = jnp.arange(kv_mask.shape[1]), index + jnp.arange(s)
       if s > 1:  # one new token attends to every filled slot (so the cache may be used as a ring, see serve/)
-        slots = jnp.arange(kv_mask.shape[1])
-        mask = mask & (slots[None, :] <= (index + jnp.arange(s))[:, None])[None, None]  # [s, T]
+        mask = mask & (slots[None, :] <= q_slots[:, None])[None, None]  # [s, T]
+      window = sliding_window_mask(q_slots, slots, self.config.sliding_window)
+      if window is not None:  # by slot distance: needs the linear cache (a ring would wrap the slots)
+        mask = mask & window[None, None]
       layer_cache = {'k': cache['k'], 'v': cache['v']}
     x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype),
                                    ('activation_batch', 'activation_length', 'activation_embed'))
