@@ -44,7 +44,7 @@ def load_inference_model(path: str, *, tokenizer_path: Optional[str] = None, tem
   """
   m = model_dir.load_model(path, tokenizer_path=tokenizer_path, dtype=dtype, mesh=mesh, require_tokenizer=True)
   template = template or m.template or DEFAULT_TEMPLATE
-  conversation.get_template(template)  # fails early naming the allowed templates
+  tokenize.check_template_tokens(m.tokenizer, template, tokenizer_path or path)  # also names the allowed templates
   image_aspect = image_aspect or m.image_aspect or 'square'
   if image_aspect not in image_lib.ASPECTS:
     raise ValueError(f'image aspect {image_aspect!r}; allowed: {image_lib.ASPECTS}')
@@ -53,12 +53,15 @@ def load_inference_model(path: str, *, tokenizer_path: Optional[str] = None, tem
 
 
 def stop_strings_for(template: str) -> tuple[str, ...]:
-  """Text that ends an answer besides EOS: the turn separator of `###` / plain templates (as the original)."""
+  """Text that ends an answer besides EOS: the turn separator of `###` / plain / ChatML-style templates (as the
+  original)."""
   t = conversation.get_template(template)
   if t.style == 'single':
     return (t.sep,)
   if t.style == 'plain':
     return ('\n',)
+  if t.style == 'mpt':  # the turn end (<|im_end|>, <|eot_id|>) may not be the tokenizer's EOS
+    return (t.stop,)
   return ()
 
 

@@ -38,6 +38,19 @@ QWEN2_CHAT_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
+# Llama-2-chat's, for the llama_2 templates (its tokenizer is the same SentencePiece family as Mistral's).
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
 # The pre-tokenizer regexes of the released tokenizer.json files: they differ only in how digits group.
 _SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}DIGITS| ?[^\s\p{L}\p{N}]+[\r\n]*"
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -103,7 +116,7 @@ def mistral(tmp_dir: str, legacy: bool = True):
   from transformers import LlamaTokenizer
   os.makedirs(tmp_dir, exist_ok=True)
   shutil.copy(SPM_MODEL, os.path.join(tmp_dir, 'tokenizer.model'))
-  return LlamaTokenizer.from_pretrained(tmp_dir, legacy=legacy, chat_template=MISTRAL_CHAT_TEMPLATE)
+  return LlamaTokenizer.from_pretrained(tmp_dir, legacy=legacy, add_bos_token=True, chat_template=MISTRAL_CHAT_TEMPLATE)
 
 
 def families(tmp_dir: str) -> dict:

@@ -15,7 +15,7 @@ import sys
 
 from llava_jax.data.builder import read_entries
 from llava_jax.data.conversation import TEMPLATES
-from llava_jax.data.tokenize import IGNORE_INDEX, add_image_token, tokenize_conversation
+from llava_jax.data.tokenize import IGNORE_INDEX, add_image_token, check_template_tokens, tokenize_conversation
 
 
 def token_texts(ids, tokenizer) -> list[str]:
@@ -68,6 +68,11 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     entries = read_entries(args.data)
   except (OSError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  try:
+    check_template_tokens(tokenizer, args.template, args.tokenizer, key='--template')
+  except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   had_image = '<image>' in tokenizer.get_added_vocab()

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from tokenizers import AddedToken
 
-from llava_jax.data.conversation import IMAGE_TOKEN, Template, normalize_turns, render_pieces
+from llava_jax.data.conversation import IMAGE_TOKEN, Template, get_template, normalize_turns, render_pieces
 
 IGNORE_INDEX = -100
 
@@ -38,6 +38,24 @@ def image_token_id(tokenizer, token: str = IMAGE_TOKEN) -> int:
     raise ValueError(f'tokenizer has no special {token!r} token; call '
                      f'llava_jax.data.tokenize.add_image_token(tokenizer) first')
   return tokenizer.convert_tokens_to_ids(token)
+
+
+def check_template_tokens(tokenizer, template: Union[str, Template], source_path: str, key: str = 'template'):
+  """Raises ValueError naming `source_path` and `key` when the tokenizer cannot hold `template`'s special tokens
+  as single tokens (ChatML's `<|im_start|>`, Llama-3's header tokens, the EOS that ends an answer). Without
+  them the markers would be learnt as plain text and generation would never see its stop token."""
+  t = get_template(template)
+  missing = []
+  if t.style in ('two', 'llama_2') and tokenizer.eos_token is None:
+    missing.append('eos_token')
+  if t.style == 'llama_2' and t.round_bos and tokenizer.bos_token is None:
+    missing.append('bos_token')
+  for token in t.special_tokens:
+    if len(tokenizer(token, add_special_tokens=False)['input_ids']) != 1:
+      missing.append(token)
+  if missing:
+    raise ValueError(f'{source_path}: {key}={t.name!r} needs special tokens {missing}, which this tokenizer lacks; '
+                     "use the template the model's tokenizer was made for")
 
 
 def _special_strings(tokenizer) -> tuple[str, str]:

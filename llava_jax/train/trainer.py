@@ -17,6 +17,7 @@ import numpy as np
 
 from llava_jax import distributed, model_dir, sharding
 from llava_jax.data.pipeline import make_pipeline
+from llava_jax.data.tokenize import check_template_tokens
 from llava_jax.models.llava import abstract_params
 from llava_jax.train import config_checks, flops, metrics, partition, resume
 from llava_jax.train import init as init_lib
@@ -92,6 +93,10 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   # --- data: this process's rows of every global batch ---------------------------------------------------
   tokenizer = load_tokenizer(config.data.tokenizer, model_config)
   d = config.data
+  try:
+    check_template_tokens(tokenizer, d.template, f'data.tokenizer={d.tokenizer}', key='data.template')
+  except ValueError as e:
+    raise config_checks.ConfigError(str(e)) from None
   fixed_steps = config.train.steps > 0  # explicit step count: the data repeats as long as needed
   # Processes holding the same rows (e.g. tensor parallelism across hosts) read the same shard.
   shard, num_shards = distributed.data_shard(mesh, d.global_batch_size)
