@@ -205,7 +205,8 @@ class Sampler:
                stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
                stream: Optional[Callable[[int, str], None]] = None, chunk_size: Optional[int] = None
                ) -> GenerateOutput:
-    """input_ids, attention_mask [batch, prompt_len] LEFT-padded; pixel_values [batch, H, W, 3] or None.
+    """input_ids, attention_mask [batch, prompt_len] LEFT-padded; pixel_values [batch, H, W, 3], or
+    [batch, images, H, W, 3] for prompts with several images (image j fills the j-th run of image tokens), or None.
 
     eos_token_id: int or ids that end a sample. stop_strings end it when they appear in the decoded text (needs
     `tokenizer`). stream(sample_index, text_delta) is called as text becomes final. Deterministic for a seed
@@ -218,7 +219,9 @@ class Sampler:
       raise ValueError(f'attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}')
     if not attention_mask[:, -1].all():
       raise ValueError('prompts must be LEFT-padded: attention_mask[:, -1] has zeros')
-    check_image_tokens(input_ids, self.config, pixel_values is not None)
+    several = pixel_values is not None and np.ndim(pixel_values) == 5
+    check_image_tokens(input_ids, self.config, pixel_values is not None,
+                       np.ones(np.shape(pixel_values)[:2], bool) if several else None)
     if self.mesh is not None:
       n_batch = int(np.prod([self.mesh.shape[a] for a in sharding.BATCH_AXES]))
       if b % n_batch:

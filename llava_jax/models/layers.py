@@ -167,22 +167,64 @@ def rope(x: Array, positions: Array, inv_freq) -> Array:
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, mask: Optional[Array], *, is_causal: bool = False) -> Array:
+# Attention kernels: 'xla' (any backend; the formulation below), 'cudnn' (flash attention through
+# jax.nn.dot_product_attention on GPU), 'splash' (Pallas splash attention on TPU). 'auto' picks by backend.
+ATTENTION_KERNELS = ('auto', 'xla', 'cudnn', 'splash')
+SPLASH_BLOCK = 128  # splash attention tiles the sequence in blocks of this many tokens (TPU lane width)
+
+
+def select_attention_kernel(backend: str, dtype, q_len: int, kv_len: int, *, has_mask: bool,
+                            kernel: str = 'auto') -> str:
+  """The kernel `attention` runs: `kernel` itself unless 'auto'.
+
+  auto: cuDNN on GPU for bf16/fp16 (it has no fp32 flash kernel); splash on TPU for self-attention whose length
+  tiles into SPLASH_BLOCK and whose only masks are causal and segments (splash takes no free-form mask);
+  XLA otherwise (CPU, fp32 on GPU, decoding steps against a KV cache).
+  """
+  if kernel not in ATTENTION_KERNELS:
+    raise ValueError(f'attention kernel {kernel!r}; allowed: {ATTENTION_KERNELS}')
+  if kernel != 'auto':
+    return kernel
+  if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return 'cudnn'
+  if backend == 'tpu' and not has_mask and q_len == kv_len and q_len % SPLASH_BLOCK == 0:
+    return 'splash'
+  return 'xla'
+
+
+def segment_mask(segment_ids: Array) -> Array:
+  """segment_ids int [batch, seq] -> bool [batch, 1, seq, seq]: query i sees key j when both are in one segment.
+
+  Padding (segment 0) sees padding only, so that no row is empty and no kernel meets a fully masked row.
+  """
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, is_causal: bool = False,
+              segment_ids: Optional[Array] = None, kernel: str = 'auto') -> Array:
   """Softmax attention with fp32 logits/softmax; grouped-query when k/v have fewer heads.
 
   q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
-  mask: bool broadcastable to [batch, heads, q_len, kv_len] (True = attend). Returns [batch, q_len, heads, head_dim].
-  On GPU with bf16/fp16 inputs this is cuDNN flash attention when cuDNN takes the shapes; elsewhere the XLA
-  formulation below.
+  mask: bool broadcastable to [batch, heads, q_len, kv_len] (True = attend); is_causal: query i sees keys <= i;
+  segment_ids: int [batch, seq] for self-attention over packed rows (see segment_mask).
+  Returns [batch, q_len, heads, head_dim]. The kernel is chosen by select_attention_kernel; a shape or version
+  cuDNN does not take falls back to XLA.
   """
+  name = select_attention_kernel(jax.default_backend(), q.dtype, q.shape[1], k.shape[1], has_mask=mask is not None,
+                                 kernel=kernel)
+  if name == 'splash':
+    return splash_attention(q, k, v, is_causal=is_causal, segment_ids=segment_ids)
+  if segment_ids is not None:
+    mask = segment_mask(segment_ids) if mask is None else mask & segment_mask(segment_ids)
+  if name == 'cudnn':
+    try:
+      # cuDNN builds the causal mask itself (and skips the blocks above the diagonal); segments come as a mask.
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+      pass  # a shape, dtype or cuDNN version cuDNN does not take: fall through
   if is_causal:
     causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
     mask = causal if mask is None else mask & causal
-  if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
-    try:
-      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='cudnn')
-    except (ValueError, NotImplementedError, RuntimeError, TypeError):
-      pass  # a shape, dtype or cuDNN version cuDNN does not take: fall through
   b, t, n, hd = q.shape
   kv = k.shape[2]
   # Heads first, and the query heads of a kv group as extra rows: [b, kv, groups * q_len, head_dim], so the score
@@ -191,6 +233,26 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array], *, is_causal:
   o = _softmax_attention(qh, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
                          None if mask is None else _grouped_mask(mask, kv, n // kv))
   return jnp.swapaxes(o.reshape(b, n, t, hd), 1, 2)
+
+
+def splash_attention(q: Array, k: Array, v: Array, *, is_causal: bool, segment_ids: Optional[Array],
+                     interpret: bool = False) -> Array:
+  """Pallas splash attention (TPU; `interpret=True` runs the same kernel on any backend, slowly).
+
+  Shapes as in `attention`; seq a multiple of SPLASH_BLOCK. The kernel takes one sequence with heads first
+  ([heads, seq, head_dim], grouped-query natively) and does not scale q; it is vmapped over the batch. It runs
+  per device: under a multi-device mesh it needs a shard_map over the batch (not done here).
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU-only kernel: imported on use
+  b, t, n, hd = q.shape
+  one = splash.CausalMask((t, t)) if is_causal else splash.FullMask((t, t))
+  kernel = splash.make_splash_mha(splash.MultiHeadMask([one] * n), head_shards=1, q_seq_shards=1,
+                                  block_sizes=splash.BlockSizes(*(SPLASH_BLOCK,) * 8), interpret=interpret)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  o = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))(
+      heads_first(q * hd ** -0.5), heads_first(k), heads_first(v), seg)
+  return heads_first(o).astype(q.dtype)
 
 
 def _grouped_mask(mask: Array, kv: int, groups: int) -> Array:

@@ -52,8 +52,8 @@ class LlamaBlock(nn.Module):
   param_dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: Array, layer_cache: Optional[Cache], positions: Array, mask: Array,
-               cache_index: Optional[Array]):
+  def __call__(self, x: Array, layer_cache: Optional[Cache], positions: Array, mask: Optional[Array],
+               cache_index: Optional[Array], segment_ids: Optional[Array]):
     c, dt, pdt = self.config, self.dtype, self.param_dtype
     nh, nkv, hd = c.num_heads, c.num_kv_heads, c.dim_per_head
     h = RMSNorm(c.rms_norm_eps, dt, pdt, name='input_layernorm')(x)
@@ -73,7 +73,8 @@ class LlamaBlock(nn.Module):
       new_kv = {'k': k.astype(layer_cache['k'].dtype), 'v': v.astype(layer_cache['v'].dtype)}
       k = jax.lax.dynamic_update_slice_in_dim(layer_cache['k'], new_kv['k'], cache_index, 1).astype(dt)
       v = jax.lax.dynamic_update_slice_in_dim(layer_cache['v'], new_kv['v'], cache_index, 1).astype(dt)
-    o = attention(q, k, v, mask)
+    # Without a cache: causal self-attention (within segments when packed); with one, `mask` says it all.
+    o = attention(q, k, v, mask, is_causal=layer_cache is None, segment_ids=segment_ids)
     o = dense(c.hidden_size, ('q_heads', 'head_dim', 'embed'), name='o_proj', dtype=dt, param_dtype=pdt,
               axis=(-2, -1))(o)
     x = x + o
@@ -100,7 +101,7 @@ class LlamaForCausalLM(nn.Module):
                                  embedding_init=logical_init(nn.initializers.normal(0.02), ('vocab', 'embed')))
     block = maybe_remat(LlamaBlock, self.remat_policy)
     self.layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                           metadata_params={nn.PARTITION_NAME: 'layers'})(c, self.dtype, self.param_dtype)
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
     if not c.tie_word_embeddings:
@@ -112,24 +113,32 @@ class LlamaForCausalLM(nn.Module):
     return self.embed_tokens(input_ids)
 
   def __call__(self, inputs_embeds: Array, attention_mask: Optional[Array] = None,
-               cache: Optional[Cache] = None):
+               cache: Optional[Cache] = None, *, segment_ids: Optional[Array] = None,
+               positions: Optional[Array] = None):
     """inputs_embeds [batch, seq, d_model]; attention_mask [batch, seq] (1 = token, 0 = padding).
 
-    Returns logits [batch, seq, vocab], and the updated cache when one is given.
+    Packed rows (no cache): segment_ids int [batch, seq] (0 = padding, 1..n = the samples of a row) confine
+    attention to each sample, and positions int [batch, seq] restart at 0 for each sample (RoPE); attention_mask
+    is then ignored. Returns logits [batch, seq, vocab], and the updated cache when one is given.
     """
     b, s, _ = inputs_embeds.shape
+    padded = attention_mask is not None and segment_ids is None
     if attention_mask is None:
       attention_mask = jnp.ones((b, s), jnp.int32)
     valid = attention_mask.astype(bool)
     steps = jnp.cumsum(valid.astype(jnp.int32), axis=1)
     layer_cache, index = None, None
     if cache is None:
-      positions = jnp.maximum(steps - 1, 0)
-      causal = jnp.tril(jnp.ones((s, s), bool))
+      mask = valid[:, None, None, :] if padded else None
       window = sliding_window_mask(jnp.arange(s), jnp.arange(s), self.config.sliding_window)
-      causal = causal if window is None else causal & window
-      mask = causal[None, None] & valid[:, None, None, :]
+      if window is not None:  # slot distance is position distance, within a packed sample too
+        mask = window[None, None] if mask is None else mask & window[None, None]
+      if positions is None:
+        positions = jnp.maximum(steps - 1, 0)
     else:
+      if segment_ids is not None or positions is not None:
+        raise ValueError('segment_ids / positions (packed rows) are for training; decoding with a cache takes '
+                         'one sample per row')
       index = cache['index']
       positions = jnp.maximum(cache['next_pos'][:, None] + steps - 1, 0)
       kv_mask = jax.lax.dynamic_update_slice_in_dim(cache['mask'], valid, index, 1)  # [b, T]
@@ -143,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
       layer_cache = {'k': cache['k'], 'v': cache['v']}
     x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype),
                                    ('activation_batch', 'activation_length', 'activation_embed'))
-    x, new_kv = self.layers(x, layer_cache, positions, mask, index)
+    x, new_kv = self.layers(x, layer_cache, positions, mask, index, segment_ids)
     x = self.norm(x)
     if self.config.tie_word_embeddings:
       logits = self.embed_tokens.attend(x)

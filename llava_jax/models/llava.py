@@ -18,14 +18,26 @@ from llava_jax.models.projector import Projector
 Array = jax.Array
 
 
-def check_image_tokens(input_ids, config: LlavaConfig, has_pixels: bool = True) -> np.ndarray:
-  """Host-side check that every sample has 0 or exactly N image tokens. Returns the per-sample counts."""
+def check_image_tokens(input_ids, config: LlavaConfig, has_pixels: bool = True, image_valid=None) -> np.ndarray:
+  """Host-side check of the image tokens. Returns the per-row counts of image tokens.
+
+  One image per row (image_valid None): each row has 0 or exactly N image tokens. Image slots (image_valid bool
+  [batch, slots]): each row has N image tokens per image, at most as many images as valid slots.
+  """
   counts = (np.asarray(input_ids) == config.image_token_id).sum(axis=-1)
   n = config.num_image_tokens
-  bad = np.nonzero((counts != 0) & (counts != n))[0]
-  if bad.size:
-    raise ValueError(f'samples {bad.tolist()} have {counts[bad].tolist()} image tokens (id {config.image_token_id});'
-                     f' each sample needs 0 or exactly {n} (= num_image_tokens)')
+  if image_valid is None:
+    bad = np.nonzero((counts != 0) & (counts != n))[0]
+    if bad.size:
+      raise ValueError(f'samples {bad.tolist()} have {counts[bad].tolist()} image tokens (id {config.image_token_id});'
+                       f' each sample needs 0 or exactly {n} (= num_image_tokens)')
+  else:
+    slots = np.asarray(image_valid).sum(axis=-1)
+    bad = np.nonzero((counts % n != 0) | (counts // n > slots))[0]
+    if bad.size:
+      raise ValueError(f'rows {bad.tolist()} have {counts[bad].tolist()} image tokens (id {config.image_token_id}) '
+                       f'for {slots[bad].tolist()} valid image slots; each row needs {n} (= num_image_tokens) per '
+                       'image and at most one image per valid slot')
   if not has_pixels and counts.any():
     raise ValueError(f'samples {np.nonzero(counts)[0].tolist()} have image tokens but pixel_values is None')
   return counts
@@ -34,9 +46,12 @@ def check_image_tokens(input_ids, config: LlavaConfig, has_pixels: bool = True) 
 class Llava(nn.Module):
   """Called like transformers' LlavaForConditionalGeneration.
 
-  input_ids [batch, seq] with each image as N copies of `image_token_id`; pixel_values [batch, H, W, 3] (image i
-  belongs to sample i; ignored by samples without image tokens) or None for a text-only batch;
-  attention_mask [batch, seq]. Returns logits [batch, seq, vocab] (and the new cache when `cache` is given).
+  input_ids [batch, seq] with each image as N copies of `image_token_id`; attention_mask [batch, seq].
+  pixel_values, one image per row: [batch, H, W, 3] (image i belongs to row i; ignored by rows without image
+  tokens), or None for a text-only batch. Several images per row: [batch, slots, H, W, 3] with image_valid bool
+  [batch, slots]; image j of a row fills the j-th run of N image tokens of that row (packed rows, multi-image
+  samples). Packed rows also give segment_ids and positions (see LlamaForCausalLM).
+  Returns logits [batch, seq, vocab] (and the new cache when `cache` is given).
   """
   config: LlavaConfig
 
@@ -52,19 +67,28 @@ class Llava(nn.Module):
     return self.projector(self.vision_tower(pixel_values))
 
   def __call__(self, input_ids: Array, pixel_values: Optional[Array] = None,
-               attention_mask: Optional[Array] = None, cache: Optional[llama.Cache] = None):
+               attention_mask: Optional[Array] = None, cache: Optional[llama.Cache] = None, *,
+               segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
+               image_valid: Optional[Array] = None):
     c = self.config
-    if not isinstance(input_ids, jax.core.Tracer):
-      check_image_tokens(input_ids, c, pixel_values is not None)
+    slots = pixel_values is not None and pixel_values.ndim == 5
+    if slots and image_valid is None:
+      image_valid = jnp.ones(pixel_values.shape[:2], bool)
+    if not isinstance(input_ids, jax.core.Tracer) and not isinstance(image_valid, jax.core.Tracer):
+      check_image_tokens(input_ids, c, pixel_values is not None, image_valid if slots else None)
     is_image = input_ids == c.image_token_id
     embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
     if pixel_values is not None:
-      features = self.encode_images(pixel_values).astype(embeds.dtype)  # [b, N, d]
-      # k-th image token of a sample takes the k-th feature of that sample's image.
+      b = pixel_values.shape[0]
+      # Every slot runs the vision tower (a fixed shape); invalid slots come after the valid ones of their row
+      # and no image token points at them.
+      features = self.encode_images(pixel_values.reshape(-1, *pixel_values.shape[-3:]) if slots else pixel_values)
+      features = features.reshape(b, -1, features.shape[-1]).astype(embeds.dtype)  # [b, slots * N, d]
+      # k-th image token of a row takes the k-th feature of that row's images, in slot order.
       idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
       gathered = jnp.take_along_axis(features, idx[..., None], axis=1)
       embeds = jnp.where(is_image[..., None], gathered, embeds)
-    return self.language_model(embeds, attention_mask, cache)
+    return self.language_model(embeds, attention_mask, cache, segment_ids=segment_ids, positions=positions)
 
 
 def init_cache(config: LlavaConfig, batch: int, max_len: int, dtype=None) -> llama.Cache:

@@ -7,7 +7,7 @@ parallelism give the same update as one big batch.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -18,6 +18,8 @@ from llava_jax.data.tokenize import IGNORE_INDEX
 from llava_jax.train import partition
 
 Batch = dict[str, jax.Array]
+# Keys that packed batches add (see make_train_step); unpacked batches have none of them.
+PACKED_KEYS = ('segment_ids', 'positions', 'image_valid')
 
 
 @flax.struct.dataclass
@@ -27,15 +29,28 @@ class TrainState:
   opt_state: Any
 
 
-def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def supervised_targets(labels: jax.Array, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+  """bool [batch, seq - 1]: position t is trained to predict labels[t + 1].
+
+  Packed rows: never across a segment boundary (the data already gives each sample's first token the ignore
+  label; this holds whatever the labels say).
+  """
+  mask = labels[:, 1:] != IGNORE_INDEX
+  if segment_ids is not None:
+    mask &= (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+  return mask
+
+
+def next_token_loss(logits: jax.Array, labels: jax.Array,
+                    segment_ids: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy and the count of supervised tokens.
 
   logits [batch, seq, vocab] (any dtype; reduced in fp32); labels [batch, seq] unshifted like HF (-100 = ignore):
-  position t predicts labels[t + 1].
+  position t predicts labels[t + 1]; segment_ids [batch, seq] of packed rows, or None.
   """
   logits = logits[:, :-1].astype(jnp.float32)
   targets = labels[:, 1:]
-  mask = targets != IGNORE_INDEX
+  mask = supervised_targets(labels, segment_ids)
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
   return jnp.sum(jnp.where(mask, lse - picked, 0.0)), jnp.sum(mask, dtype=jnp.float32)
@@ -46,19 +61,24 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callab
   """Build `train_step(state, frozen, batch) -> (state, metrics)`.
 
   batch: input_ids / labels / attention_mask int32 [global_batch, seq], pixel_values float32
-  [global_batch, H, W, 3]. metrics: loss (mean over supervised tokens), grad_norm, lr, tokens (supervised),
-  finite (0/1; on a non-finite loss or gradient the state is returned unchanged).
+  [global_batch, H, W, 3]. Packed rows add segment_ids / positions int32 [global_batch, seq], and their
+  pixel_values are [global_batch, slots, H, W, 3] with image_valid bool [global_batch, slots].
+  metrics: loss (mean over supervised tokens), grad_norm, lr, tokens (supervised), finite (0/1; on a non-finite
+  loss or gradient the state is returned unchanged).
   """
   def summed_loss(params, frozen, mb):
+    packed = {k: mb[k] for k in PACKED_KEYS if k in mb}
     logits = model.apply({'params': partition.merge(params, frozen)}, mb['input_ids'], mb['pixel_values'],
-                         mb['attention_mask'])
-    return next_token_loss(logits, mb['labels'])[0]
+                         mb['attention_mask'], **packed)
+    return next_token_loss(logits, mb['labels'], mb.get('segment_ids'))[0]
 
   grad_fn = jax.value_and_grad(summed_loss)
 
   def train_step(state: TrainState, frozen, batch: Batch):
-    n_tokens = jnp.sum(batch['labels'][:, 1:] != IGNORE_INDEX, dtype=jnp.float32)
-    inputs = {k: batch[k] for k in ('input_ids', 'labels', 'attention_mask', 'pixel_values')}
+    # The loss is summed over supervised tokens and divided once by their count in the global batch.
+    n_tokens = jnp.sum(supervised_targets(batch['labels'], batch.get('segment_ids')), dtype=jnp.float32)
+    inputs = {k: batch[k] for k in ('input_ids', 'labels', 'attention_mask', 'pixel_values', *PACKED_KEYS)
+              if k in batch}
     if grad_accum_steps == 1:
       loss_sum, grads = grad_fn(state.params, frozen, inputs)
     else:
