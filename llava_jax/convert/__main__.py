@@ -1,8 +1,10 @@
-"""python -m llava_jax.convert {import-hf,export-hf} SRC OUT
+"""python -m llava_jax.convert {import-hf,export-hf} SRC OUT | {apply-delta,make-delta} --base DIR ... OUT
 
 import-hf: an HF LLaVA dir (transformers 4.x or 5.x layout) or an original-release LLaVA (with --vision-tower /
            --mm-projector) -> our exported-model dir (model_config.json + orbax params/ + tokenizer/).
 export-hf: our exported-model dir -> an HF LlavaForConditionalGeneration dir (hub layout, safetensors).
+apply-delta: --base LLAMA_DIR --delta DELTA_DIR OUT: the original release's delta weights -> the full checkpoint.
+make-delta: --base LLAMA_DIR --target LLAVA_DIR OUT: the delta of a checkpoint against its base.
 """
 from __future__ import annotations
 
@@ -82,6 +84,24 @@ def export_hf(args) -> None:
   log(f'done: {args.out}')
 
 
+def delta(args) -> None:
+  from llava_jax.convert import delta as delta_lib
+  shard = int(args.max_shard_gb * 2**30)
+  try:
+    if args.command == 'apply-delta':
+      log(f'applying delta {args.delta} to base {args.base}')
+      delta_lib.apply_delta(args.base, args.delta, args.out, dtype=args.dtype, max_shard_bytes=shard, log=log)
+    else:
+      log(f'delta of target {args.target} against base {args.base}')
+      stats = delta_lib.make_delta(args.base, args.target, args.out, dtype=args.dtype, max_shard_bytes=shard, log=log)
+      if stats['not_bitwise']:
+        raise SystemExit(f'error: the delta in {args.dtype} does not give the target back bit for bit in '
+                         f'{len(stats["not_bitwise"])} tensors; use --dtype float32')
+  except (delta_lib.DeltaMismatchError, FileNotFoundError, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+  log(f'done: {args.out}')
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog='python -m llava_jax.convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +125,17 @@ def main(argv=None) -> None:
   exp.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), help='dtype of the written weights')
   exp.add_argument('--max-shard-gb', type=float, default=5.0, help='safetensors shard size (GiB)')
   exp.set_defaults(fn=export_hf)
+  for name, other, default, text in (
+      ('apply-delta', 'delta', None, 'OUT = base + delta (the original release\'s apply_delta)'),
+      ('make-delta', 'target', 'float32', 'OUT = target - base (the original release\'s make_delta)')):
+    d = sub.add_parser(name, help=text, description=text)
+    d.add_argument('--base', required=True, help='base LLM dir (HF LlamaForCausalLM, e.g. LLaMA-7B)')
+    d.add_argument(f'--{other}', required=True, help=f'{other} dir (HF checkpoint: safetensors or .bin)')
+    d.add_argument('out', help='output dir (safetensors + the other files of the ' + other + ' dir)')
+    d.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), default=default,
+                   help='dtype of the written tensors (default: ' + (default or "the base's") + ')')
+    d.add_argument('--max-shard-gb', type=float, default=5.0, help='safetensors shard size (GiB)')
+    d.set_defaults(fn=delta)
   args = parser.parse_args(argv)
   args.fn(args)
 
