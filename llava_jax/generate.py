@@ -60,13 +60,29 @@ def sample_logits(logits, rng, sampling: SamplingParams):
     kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if sampling.top_p < 1:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
-    threshold = jnp.take_along_axis(sorted_logits, keep.sum(-1, keepdims=True) - 1, axis=-1)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    logits = top_p_filter(logits, sampling.top_p)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def top_p_filter(logits, top_p):
+  """logits [batch, vocab], top_p a float or [batch, 1] -> logits outside the nucleus set to -inf."""
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+  keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+  threshold = jnp.take_along_axis(sorted_logits, keep.sum(-1, keepdims=True) - 1, axis=-1)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_logits_per_row(logits, keys, temperature, top_p):
+  """Each row its own setting: logits [batch, vocab], keys [batch] PRNG keys, temperature and top_p [batch]
+  (traced, so mixing requests never recompiles; temperature 0 = greedy) -> token ids [batch] int32."""
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  scaled = top_p_filter(scaled, top_p[:, None])
+  sampled = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled, greedy)
 
 
 def pad_batch(prompts: Sequence[Sequence[int]], pad_token_id: int, multiple: int = 1):
@@ -82,7 +98,7 @@ def pad_batch(prompts: Sequence[Sequence[int]], pad_token_id: int, multiple: int
   return ids, mask
 
 
-class _TextStream:
+class TextStream:
   """Incremental decoding of one sample: stop-string search and the text that is safe to show so far."""
 
   def __init__(self, tokenizer, stop_strings: Sequence[str]):
@@ -234,7 +250,7 @@ class Sampler:
     if chunk_size is None:
       chunk_size = 1 if stream else 16 if stop_strings else max_new_tokens
     statics = dict(sampling=sampling, eos=eos, pad=np.int32(pad_token_id))
-    texts = [_TextStream(tokenizer, stop_strings) for _ in range(b)] if tokenizer is not None else None
+    texts = [TextStream(tokenizer, stop_strings) for _ in range(b)] if tokenizer is not None else None
 
     with self._context():
       state = _prefill(self.model, self.params, self._place(input_ids), self._place(attention_mask),

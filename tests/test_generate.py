@@ -206,8 +206,8 @@ class BytesTokenizer:
 
 
 def test_text_stream_holds_back_partial_text():
-  from llava_jax.generate import _TextStream
-  t = _TextStream(BytesTokenizer(), ['###'])
+  from llava_jax.generate import TextStream
+  t = TextStream(BytesTokenizer(), ['###'])
   assert [t.push([1]), t.push([3]), t.push([4]), t.push([2]), t.push([2]), t.push([1])] == \
       ['a', '', 'é', '', '', '##a']  # U+FFFD and a possible '###' prefix wait
   assert not t.stopped
