@@ -141,6 +141,10 @@ class Engine:
     if self.max_context > self.config.text.max_position_embeddings:
       raise ValueError(f'max_context {self.max_context} > the model\'s max_position_embeddings '
                        f'{self.config.text.max_position_embeddings}')
+    window = self.config.text.sliding_window
+    if window is not None and self.max_context > window:  # the window is by slot distance, which a ring wraps
+      raise ValueError(f'max_context {self.max_context} > the model\'s sliding_window {window}: pass '
+                       f'--max-context {window} or less')
     self.buckets = tuple(sorted(buckets or prompt_buckets(self.max_context)))
     if self.buckets[-1] >= self.max_context:
       raise ValueError(f'prompt bucket {self.buckets[-1]} leaves no room to answer in max_context '
