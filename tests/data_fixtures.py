@@ -5,6 +5,7 @@ import os
 import shutil
 
 import mistral_common
+import numpy as np
 
 SPM_MODEL = os.path.join(os.path.dirname(mistral_common.__file__), 'data', 'tokenizer.model.v1')
 
@@ -74,3 +75,18 @@ def build_demo_data(root: str, *, num_train: int = 12, image_size: int = 32, max
                          name='demo_stage2', progress_every=0)
   tokenizer = AutoTokenizer.from_pretrained(meta['paths']['tokenizer'])
   return dict(meta=meta, report=report, data_dir=report['data_dir'], tokenizer=tokenizer)
+
+
+def take(it, n=None) -> list:
+  """The first `n` batches of an iterator (all without `n`)."""
+  out = []
+  for b in it:
+    out.append(b)
+    if n is not None and len(out) == n:
+      break
+  return out
+
+
+def batches_equal(a, b) -> bool:
+  return len(a) == len(b) and all(set(x) == set(y) and all(np.array_equal(x[k], y[k]) for k in x)
+                                  for x, y in zip(a, b))

@@ -97,8 +97,8 @@ def test_records_read_back_without_tensorflow(fixture_dir, built):
     assert rec['id'].decode() == expected['id'] == from_dir[i]['id'].decode()
     assert json.loads(rec['conversations']) == expected['conversations']
     image = expected.get('image')
-    assert rec['image_path'].decode() == (image or '')
-    assert rec['image'] == (open(os.path.join(fixture_dir['images'], image), 'rb').read() if image else b'')
+    assert [p.decode() for p in rec['image_path']] == ([image] if image else [])
+    assert rec['image'] == ([open(os.path.join(fixture_dir['images'], image), 'rb').read()] if image else [])
   with open(os.path.join(built['data_dir'], LENGTHS_FILE)) as f:
     lengths = json.load(f)
   assert lengths['train'] == [6, 6, -3, 6]  # words incl. '<image>'; negative: text-only and len(lengths['extra']) == 2

@@ -73,7 +73,10 @@ def test_image_moves_to_front_and_roles_are_checked():
     normalize_turns([{'from': 'human', 'value': 'a'}, {'from': 'human', 'value': 'b'}])
   with pytest.raises(ValueError, match='unknown role'):
     normalize_turns([{'from': 'robot', 'value': 'a'}])
-  with pytest.raises(ValueError, match='one image'):
-    normalize_turns([{'from': 'human', 'value': '<image><image>'}, {'from': 'gpt', 'value': 'a'}])
+  # Several images stay where they are (image j = the j-th placeholder); plain keeps them all.
+  two = [{'from': 'human', 'value': 'A <image> or B <image>?'}, {'from': 'gpt', 'value': 'B'}]
+  turns, num_images = normalize_turns(two)
+  assert turns[0] == ('user', 'A <image> or B <image>?') and num_images == 2
+  assert render(two, 'plain') == '<image><image>B\n'
   with pytest.raises(ValueError, match='unknown template'):
     render(CONV, 'vicuna_v2')

@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from data_fixtures import build_demo_data
+from data_fixtures import batches_equal, build_demo_data, take
 from llava_jax.data.builder import build_dataset
 from llava_jax.data.image import load_image, preprocess_image
 from llava_jax.data.pipeline import (BATCH_KEYS, dataset_size, epoch_order, make_pipeline, modality_grouped_order,
-                                     open_source, steps_per_epoch)
+                                     open_source, record_images, steps_per_epoch)
 from llava_jax.data.tokenize import IGNORE_INDEX, image_token_id, tokenize_conversation
 
 N_IMG, SIZE, MAX_LEN = 16, 32, 192
@@ -42,24 +42,13 @@ def _pipe(data, **kw):
   return make_pipeline(kw.pop('data_dir', data['data_dir']), **{k: v for k, v in args.items() if k != 'data_dir'})
 
 
-def _take(it, n=None):
-  out = []
-  for b in it:
-    out.append(b)
-    if n is not None and len(out) == n:
-      break
-  return out
-
-
-def _equal(a, b):
-  return len(a) == len(b) and all(set(x) == set(y) and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
 def test_batches_have_fixed_shapes_and_exact_rows(data):
   it = _pipe(data, num_epochs=1)
   assert (it.num_records, it.steps_per_epoch, it.num_steps, it.batch_size) == (36, 5, 5, 8)
   assert it.examples_per_epoch == 40 and dataset_size(data['data_dir'], 'train') == 36
-  batches = _take(it)
+  batches = take(it)
   assert len(batches) == 5
   source = open_source(data['data_dir'], 'train')
   tok, image_id = data['tokenizer'], image_token_id(data['tokenizer'])
@@ -82,46 +71,46 @@ def test_batches_have_fixed_shapes_and_exact_rows(data):
       np.testing.assert_array_equal(b['input_ids'][r][:n], ref['input_ids'])
       np.testing.assert_array_equal(b['labels'][r][:n], ref['labels'])
       assert b['has_image'][r] and (b['input_ids'][r] == image_id).sum() == N_IMG
-      np.testing.assert_array_equal(b['pixel_values'][r], preprocess_image(load_image(rec['image']), SIZE))
+      np.testing.assert_array_equal(b['pixel_values'][r], preprocess_image(load_image(record_images(rec)[0]), SIZE))
   seen = np.concatenate([b['index'] for b in batches])
   assert sorted(seen[seen >= 0].tolist()) == list(range(36)) and (seen < 0).sum() == 4
   stats = it.stats()
   masks = np.stack([b['attention_mask'] for b in batches])
   assert stats['pad_fraction'] == pytest.approx(1 - masks.mean())
   assert (stats['rows'], stats['padding_rows'], stats['dropped'], stats['truncated']) == (40, 4, 0, 0)
-  plain = _take(_pipe(data, num_epochs=1, with_index=False), 1)[0]
+  plain = take(_pipe(data, num_epochs=1, with_index=False), 1)[0]
   assert set(plain) == set(BATCH_KEYS)
 
 
 def test_deterministic_for_a_seed_and_reshuffled_per_epoch(data):
-  a, b = _take(_pipe(data)), _take(_pipe(data))
-  assert len(a) == 10 and _equal(a, b)
-  other = _take(_pipe(data, seed=1))
+  a, b = take(_pipe(data)), take(_pipe(data))
+  assert len(a) == 10 and batches_equal(a, b)
+  other = take(_pipe(data, seed=1))
   assert not np.array_equal(np.concatenate([x['index'] for x in a]), np.concatenate([x['index'] for x in other]))
   epoch0 = np.concatenate([x['index'] for x in a[:5]])
   epoch1 = np.concatenate([x['index'] for x in a[5:]])
   assert not np.array_equal(epoch0, epoch1)
   for e in (epoch0, epoch1):
     assert sorted(e[e >= 0].tolist()) == list(range(36))
-  ordered = np.concatenate([x['index'] for x in _take(_pipe(data, shuffle=False, num_epochs=1))])
+  ordered = np.concatenate([x['index'] for x in take(_pipe(data, shuffle=False, num_epochs=1))])
   assert ordered.tolist() == list(range(36)) + [-1] * 4
 
 
 def test_state_restores_mid_epoch_to_the_same_batches(data):
   it = _pipe(data, num_epochs=3)
-  _take(it, 3)
+  take(it, 3)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-  expected = _take(it, 6)  # crosses the epoch boundary at batch 5
+  expected = take(it, 6)  # crosses the epoch boundary at batch 5
   stats = it.stats()
   restored = _pipe(data, num_epochs=3)
   restored.set_state(state)
-  assert _equal(_take(restored, 6), expected)
+  assert batches_equal(take(restored, 6), expected)
   assert restored.stats() == stats
 
 
 @pytest.mark.parametrize('process_count', [2, 4])
 def test_process_shards_are_disjoint_and_cover_each_epoch(data, process_count):
-  per_process = [_take(_pipe(data, process_index=p, process_count=process_count)) for p in range(process_count)]
+  per_process = [take(_pipe(data, process_index=p, process_count=process_count)) for p in range(process_count)]
   steps = steps_per_epoch(36, 8)
   for p, batches in enumerate(per_process):
     assert len(batches) == 2 * steps and all(b['input_ids'].shape == (8 // process_count, MAX_LEN) for b in batches)
@@ -151,7 +140,7 @@ def test_modality_grouping(data):
   assert mb[0] == mb.max()
   # Through the pipeline on 36 image + 14 text-only records, global batch 8 over 2 processes.
   lengths = np.asarray(json.load(open(os.path.join(data['mixed_dir'], 'modality_lengths.json')))['train'])
-  per_process = [_take(_pipe(data, data_dir=data['mixed_dir'], group_by_length=True, num_epochs=1,
+  per_process = [take(_pipe(data, data_dir=data['mixed_dir'], group_by_length=True, num_epochs=1,
                              process_index=p, process_count=2)) for p in range(2)]
   assert len(per_process[0]) == steps_per_epoch(50, 8) == 7
   rows = [np.concatenate([a['index'], b['index']]) for a, b in zip(*per_process)]
@@ -171,33 +160,33 @@ def test_truncation_and_drops_are_counted(data):
           for i in range(36)]
   max_len = int(np.median(lens))
   it = _pipe(data, max_length=max_len, num_epochs=1)
-  batches = _take(it)
+  batches = take(it)
   s = it.stats()
   assert s['truncated'] == sum(n > max_len for n in lens) > 0 and s['dropped'] == 0
   assert all(b['input_ids'].shape == (8, max_len) for b in batches)
   # Shorter than BOS + system prompt + image: every sample would lose image tokens -> empty rows.
   it = _pipe(data, max_length=20, num_epochs=1)
-  batches = _take(it)
+  batches = take(it)
   assert it.stats()['dropped'] == 36 and it.stats()['truncated'] == 36
   for b in batches:
     assert (b['labels'] == IGNORE_INDEX).all() and (b['attention_mask'].sum(1) == 1).all() and not b['has_image'].any()
 
 
 def test_worker_processes_give_identical_batches(data):
-  ref = _take(_pipe(data, num_epochs=1))
+  ref = take(_pipe(data, num_epochs=1))
   it = _pipe(data, num_epochs=1, worker_count=2)
   try:  # exact counts: waiting for the end of a worker stream costs seconds
-    first = _take(it, 2)
+    first = take(it, 2)
     state = json.loads(json.dumps(it.get_state()))
-    rest = _take(it, 3)
+    rest = take(it, 3)
   finally:
     it.close()
-  assert _equal(first + rest, ref)
+  assert batches_equal(first + rest, ref)
   assert state['next_batch'] == 2
   # The state does not depend on the worker count: restore it without workers.
   it = _pipe(data, num_epochs=1, worker_count=0)
   it.set_state(state)
-  assert _equal(_take(it), rest)
+  assert batches_equal(take(it), rest)
 
 
 def test_bad_arguments_are_named(data):

@@ -3,7 +3,7 @@
   python -m llava_jax.data.build --json llava_instruct_150k.json --images coco/train2017 \\
       --out ~/tfds --name llava_instruct
 
-Writes OUT/NAME/1.0.0/ (shards, build_report.json, modality_lengths.json). Bad entries are skipped,
+Writes OUT/NAME/1.1.0/ (shards, build_report.json, modality_lengths.json). Bad entries are skipped,
 counted by reason and listed (index, id, reason) in build_report.json; the build fails only when the
 JSON file itself cannot be read or no entry is valid.
 """

@@ -3,8 +3,10 @@
 No TensorFlow is needed: features are plain bytes/text serialized by tfds.features, written with the
 array_record file format and read back with `tfds.data_source` / `tfds.builder_from_directory`.
 
-Each record: `id` (text), `image_path` (text, '' for text-only), `image` (the file's encoded bytes,
-b'' for text-only) and `conversations` (the LLaVA turns as JSON text). Records keep the order of the
+Each record: `id` (text), `image_path` and `image` (lists: each image's relative path and its file's
+encoded bytes, in `<image>` order; empty for text-only) and `conversations` (the LLaVA turns as JSON
+text). The JSON "image" is one path or, for several images, a list of paths. (Version 1.0.0 stored one
+path and one bytes value; the pipeline reads both.) Records keep the order of the
 JSON file (write-time shuffling is off; the grain pipeline shuffles), so the side files below line up
 with record indices.
 
@@ -109,6 +111,15 @@ class _ImageChecker:
     return data
 
 
+def image_paths(entry: dict) -> list[str]:
+  """The entry's "image" as a list of paths: one path, a list of them, or none (text-only)."""
+  image = entry.get('image')
+  paths = [image] if isinstance(image, str) else image if isinstance(image, list) else [] if image is None else None
+  if paths is None or not all(isinstance(p, str) and p for p in paths):
+    raise SkipRecord('malformed', f'"image" must be a non-empty relative path or a list of them, got {image!r:.80}')
+  return paths
+
+
 def check_entry(entry, check_image: _ImageChecker) -> tuple[dict, int]:
   """One LLaVA JSON entry -> (record features, modality length); raises SkipRecord."""
   if isinstance(entry, SkipRecord):
@@ -117,34 +128,31 @@ def check_entry(entry, check_image: _ImageChecker) -> tuple[dict, int]:
     raise SkipRecord('malformed', f'entry is {type(entry).__name__}, not an object')
   if not isinstance(entry.get('id'), (str, int)) or isinstance(entry.get('id'), bool):
     raise SkipRecord('malformed', f'missing or non-string "id": {entry.get("id")!r:.80}')
-  image = entry.get('image')
-  if image is not None and (not isinstance(image, str) or not image):
-    raise SkipRecord('malformed', f'"image" must be a non-empty relative path, got {image!r:.80}')
+  paths = image_paths(entry)
   conversations = entry.get('conversations')
   if not isinstance(conversations, list) or not all(
       isinstance(t, dict) and isinstance(t.get('value'), str) for t in conversations):
     raise SkipRecord('malformed', '"conversations" must be a list of {"from", "value": str} turns')
   count = sum(t['value'].count(IMAGE_TOKEN) for t in conversations)
-  if count != (1 if image else 0):
-    raise SkipRecord('image_token_count', f'{count} {IMAGE_TOKEN} placeholders for '
-                     f'{"one image" if image else "no image"}')
+  if count != len(paths):  # never a silent shift of images onto the wrong placeholders
+    raise SkipRecord('image_token_count', f'{count} {IMAGE_TOKEN} placeholders for {len(paths)} image(s)')
   try:
     turns, _ = normalize_turns(conversations)
   except ValueError as e:
     raise SkipRecord('malformed', str(e)) from None
   if not any(role == ASSISTANT for role, _ in turns):
     raise SkipRecord('no_gpt_turn', 'no assistant ("gpt") turn to learn from')
-  data = check_image(image) if image else b''
-  record = dict(id=str(entry['id']), image_path=image or '', image=data,
+  record = dict(id=str(entry['id']), image_path=paths, image=[check_image(p) for p in paths],
                 conversations=json.dumps(conversations, ensure_ascii=False))
-  return record, modality_length(conversations, bool(image))
+  return record, modality_length(conversations, bool(paths))
 
 
 class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
   """LLaVA JSON (+ image folder) -> ArrayRecord. `json_files` maps split name -> JSON/JSONL path."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'LLaVA JSON with encoded image bytes.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'LLaVA JSON with encoded image bytes.',
+                   '1.1.0': 'Several images per sample: image_path and image are lists.'}
 
   def __init__(self, *, json_files: Optional[Mapping[str, str]] = None, image_dir: str = '',
                num_threads: Optional[int] = None, progress_every: int = 10000, **kwargs):
@@ -178,8 +186,8 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
         description='LLaVA-format multimodal conversations with encoded images.',
         features=tfds.features.FeaturesDict({
             'id': tfds.features.Text(),
-            'image_path': tfds.features.Text(),
-            'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+            'image_path': tfds.features.Sequence(tfds.features.Text()),
+            'image': tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
             'conversations': tfds.features.Text(),
         }),
         disable_shuffling=True,  # keep JSON order so side files index records

@@ -65,7 +65,8 @@ VICUNA_V0_EXAMPLE = (
 class Template:
   """One conversation format. `style` picks the layout, as the original's SeparatorStyle does.
 
-  plain:   `<image>` + answer + sep (user text dropped; stage-1 captioning; more turns: each answer + sep).
+  plain:   `<image>` + answer + sep (user text dropped but its images kept; stage-1 captioning; more turns: each
+           answer + sep).
   single:  `{system}{sep}{R0}: {q}{sep}{R1}: {a}{sep}...`            (llava_v0, sep '###').
   two:     `{system} {R0}: {q} {R1}: {a}{eos}{R0}: ...`               (vicuna_v1 / llava_v1).
   llama_2: `[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a} {eos}{bos}[INST] ...` (no `<<SYS>>` block
@@ -136,8 +137,10 @@ def get_template(template: Union[str, Template]) -> Template:
   return TEMPLATES[template]
 
 
-def normalize_turns(conversations: Sequence[dict]) -> tuple[list[tuple[str, str]], bool]:
-  """LLaVA JSON turns -> ([(role, text)], has_image), with `<image>` moved to the first user turn.
+def normalize_turns(conversations: Sequence[dict]) -> tuple[list[tuple[str, str]], int]:
+  """LLaVA JSON turns -> ([(role, text)], number of images). One `<image>` moves to the front of the
+  first user turn (as the original); several stay where they are (interleaved, image j = the j-th
+  `<image>`, as LLaVA-NeXT-Interleave and transformers' processor place them).
 
   Raises ValueError naming the bad turn when roles are unknown, turns are not strings or do not
   alternate user/assistant.
@@ -160,15 +163,13 @@ def normalize_turns(conversations: Sequence[dict]) -> tuple[list[tuple[str, str]
   if not turns:
     raise ValueError('conversation has no user turn')
   num_images = sum(text.count(IMAGE_TOKEN) for _, text in turns)
-  if num_images > 1:
-    raise ValueError(f'{num_images} {IMAGE_TOKEN} placeholders; one image per sample is supported')
-  if num_images:
+  if num_images == 1:
     for turn in turns:
       if IMAGE_TOKEN in turn[1]:
         turn[1] = turn[1].replace(IMAGE_TOKEN, '').strip()
     # As the original: `<image>\n` + question, stripped (a bare image stays `<image>`).
     turns[0][1] = (IMAGE_TOKEN + '\n' + turns[0][1]).strip()
-  return [tuple(t) for t in turns], bool(num_images)
+  return [tuple(t) for t in turns], num_images
 
 
 def render_pieces(turns: Sequence[tuple[str, str]], template: Union[str, Template], *,
@@ -189,7 +190,7 @@ def render_pieces(turns: Sequence[tuple[str, str]], template: Union[str, Templat
   if t.style == 'plain':
     for role, text, learn in turns:
       if role == USER:
-        pieces += [(IMAGE_TOKEN, False)] if text.startswith(IMAGE_TOKEN) else []
+        pieces.append((IMAGE_TOKEN * text.count(IMAGE_TOKEN), False))  # '' without images: dropped below
       else:
         pieces.append((text + t.sep, learn))
   elif t.style in ('single', 'two'):

@@ -3,9 +3,11 @@
   python -m llava_jax.data.inspect --data stage2.json --tokenizer TOKENIZER_DIR --template vicuna_v1 \\
       --num-image-tokens 576 --limit 3 --pretty
 
-One JSON line per sample: {"id", "input_ids", "labels"} (labels -100 where not supervised). With
---pretty, each is followed by its tokens with the supervised ones highlighted (green, or [[...]]
-when the output is not a terminal) and runs of image tokens shown as <image>xN.
+One JSON line per sample: {"id", "num_images", "input_ids", "labels"} (labels -100 where not supervised).
+With --pretty, each is followed by its tokens with the supervised ones highlighted (green, or [[...]]
+when the output is not a terminal) and each image's run of image tokens shown as <image>xN (several
+images: several runs, in the order of "image": [...]). A sample whose <image> count differs from its
+images is reported and skipped, as the build skips it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import argparse
 import json
 import sys
 
-from llava_jax.data.builder import read_entries
+from llava_jax.data.builder import SkipRecord, image_paths, read_entries
 from llava_jax.data.conversation import TEMPLATES
 from llava_jax.data.tokenize import IGNORE_INDEX, add_image_token, check_template_tokens, tokenize_conversation
 
@@ -80,24 +82,33 @@ def main(argv=None) -> int:
   if not had_image:
     print(f'note: tokenizer had no <image> token; added it as id {image_id}', file=sys.stderr)
   color = args.color == 'always' or (args.color == 'auto' and sys.stdout.isatty())
-  bad = dropped = 0
+  bad = dropped = mismatched = 0
   for index, entry in entries[:args.limit]:
     sample_id = entry.get('id', index) if isinstance(entry, dict) else index
+    entry = entry if isinstance(entry, dict) else {}
     try:
       tok = tokenize_conversation(entry['conversations'], tokenizer, args.template, args.num_image_tokens,
                                   args.max_length)
-    except (TypeError, KeyError, ValueError) as e:
+      num_images = len(image_paths(entry))
+    except (TypeError, KeyError, ValueError, SkipRecord) as e:
       bad += 1
       print(f'sample {sample_id!r} (#{index}): cannot tokenize: {e}', file=sys.stderr)
+      continue
+    if tok['num_images'] != num_images:  # the build skips it (image_token_count)
+      mismatched += 1
+      print(f'sample {sample_id!r} (#{index}): {tok["num_images"]} <image> placeholders for {num_images} '
+            'image(s); the build skips it', file=sys.stderr)
       continue
     if tok['dropped']:
       dropped += 1
       print(f'sample {sample_id!r} (#{index}): dropped ({tok["drop_reason"]})', file=sys.stderr)
-    print(json.dumps({'id': sample_id, 'input_ids': tok['input_ids'].tolist(), 'labels': tok['labels'].tolist()}))
+    print(json.dumps({'id': sample_id, 'num_images': num_images, 'input_ids': tok['input_ids'].tolist(),
+                      'labels': tok['labels'].tolist()}))
     if args.pretty:
       print(pretty(tok['input_ids'], tok['labels'], tokenizer, image_id, color))
-  if bad or dropped:
-    print(f'{bad} malformed, {dropped} dropped samples', file=sys.stderr)
+  if bad or dropped or mismatched:
+    print(f'{bad} malformed, {mismatched} with an <image> count not matching their images, {dropped} dropped '
+          'samples', file=sys.stderr)
   return 0
 
 

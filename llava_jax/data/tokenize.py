@@ -95,40 +95,45 @@ def encode_pieces(pieces: Sequence[tuple[str, bool]], tokenizer) -> tuple[list[i
   return ids, np.asarray(sup, bool)
 
 
-def _expand_images(ids: list[int], sup: np.ndarray, image_id: int, has_image: bool,
+def _expand_images(ids: list[int], sup: np.ndarray, image_id: int, num_images: int,
                    num_image_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
-  """Replaces the one `<image>` id by `num_image_tokens` copies. Returns (ids, sup, image_end)."""
+  """Replaces each `<image>` id by `num_image_tokens` copies. Returns (ids, sup, end of the last image)."""
   positions = [i for i, t in enumerate(ids) if t == image_id]
-  if len(positions) != int(has_image):
-    raise ValueError(f'expected {int(has_image)} {IMAGE_TOKEN} token(s) after tokenization, found '
+  if len(positions) != num_images:
+    raise ValueError(f'expected {num_images} {IMAGE_TOKEN} token(s) after tokenization, found '
                      f'{len(positions)}: is {IMAGE_TOKEN} a special token of this tokenizer?')
   ids = np.asarray(ids, np.int32)
-  if not has_image:
+  if not num_images:
     return ids, sup, 0
   if num_image_tokens < 1:
     raise ValueError(f'num_image_tokens must be >= 1 for an image sample, got {num_image_tokens}')
-  p = positions[0]
-  ids = np.concatenate([ids[:p], np.full(num_image_tokens, image_id, np.int32), ids[p + 1:]])
-  sup = np.concatenate([sup[:p], np.zeros(num_image_tokens, bool), sup[p + 1:]])
-  return ids, sup, p + num_image_tokens
+  bounds = [-1] + positions + [len(ids)]
+  keep = [slice(a + 1, b) for a, b in zip(bounds[:-1], bounds[1:])]
+  image = np.full(num_image_tokens, image_id, np.int32)
+  ids = np.concatenate([x for part in keep[:-1] for x in (ids[part], image)] + [ids[keep[-1]]])
+  no = np.zeros(num_image_tokens, bool)
+  sup = np.concatenate([x for part in keep[:-1] for x in (sup[part], no)] + [sup[keep[-1]]])
+  return ids, sup, positions[-1] + num_images * num_image_tokens - (num_images - 1)
 
 
 def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Union[str, Template],
                           num_image_tokens: int, max_length: Optional[int] = None, *,
                           add_bos: bool = True) -> dict:
   """LLaVA JSON turns -> dict(input_ids int32[n], labels int32[n], truncated, dropped, drop_reason,
-  has_image).
+  has_image, num_images).
 
   labels == input_ids where supervised, IGNORE_INDEX (-100) elsewhere; unshifted (the loss shifts).
   BOS is prepended when the tokenizer has one. Longer than `max_length`: cut at the end; a cut through
   the image tokens or one that leaves nothing supervised drops the sample (`dropped`, with empty
-  arrays). Raises ValueError on malformed turns.
+  arrays); with several images, a cut through or before any of them drops it. Raises ValueError on
+  malformed turns.
   """
-  turns, has_image = normalize_turns(conversations)
+  turns, num_images = normalize_turns(conversations)
+  has_image = num_images > 0
   bos, eos = _special_strings(tokenizer)
   ids, sup = encode_pieces(render_pieces(turns, template, bos=bos, eos=eos), tokenizer)
   image_id = image_token_id(tokenizer) if has_image else -1
-  ids, sup, image_end = _expand_images(ids, sup, image_id, has_image, num_image_tokens)
+  ids, sup, image_end = _expand_images(ids, sup, image_id, num_images, num_image_tokens)
   if add_bos and tokenizer.bos_token_id is not None:
     ids = np.concatenate([np.asarray([tokenizer.bos_token_id], np.int32), ids])
     sup = np.concatenate([[False], sup])
@@ -145,7 +150,7 @@ def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Un
     ids, sup = np.zeros(0, np.int32), np.zeros(0, bool)
   labels = np.where(sup, ids, IGNORE_INDEX).astype(np.int32)
   return dict(input_ids=ids, labels=labels, truncated=truncated, dropped=bool(reason),
-              drop_reason=reason, has_image=has_image)
+              drop_reason=reason, has_image=has_image, num_images=num_images)
 
 
 def build_prompt(messages: Sequence[dict], template: Union[str, Template], *, bos: str = '<s>',
@@ -162,12 +167,12 @@ def tokenize_prompt(messages: Sequence[dict], tokenizer, template: Union[str, Te
                     num_image_tokens: int, *, add_bos: bool = True) -> np.ndarray:
   """Token ids int32[n] of `build_prompt(messages, ...)` with the image expanded: exactly the tokens
   that precede the answer in `tokenize_conversation` of the same turns plus that answer."""
-  turns, has_image = normalize_turns(messages)
+  turns, num_images = normalize_turns(messages)
   bos, eos = _special_strings(tokenizer)
   pieces = render_pieces(turns, template, add_generation_prompt=True, bos=bos, eos=eos)
   ids, sup = encode_pieces(pieces, tokenizer)
-  image_id = image_token_id(tokenizer) if has_image else -1
-  ids, _, _ = _expand_images(ids, sup, image_id, has_image, num_image_tokens)
+  image_id = image_token_id(tokenizer) if num_images else -1
+  ids, _, _ = _expand_images(ids, sup, image_id, num_images, num_image_tokens)
   if add_bos and tokenizer.bos_token_id is not None:
     ids = np.concatenate([np.asarray([tokenizer.bos_token_id], np.int32), ids])
   return ids
