@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -321,6 +322,11 @@ class ResultStore:
 
 # ---------------------------------------------------------------------------------------------------
 # Running many requests
+
+
+def request_fingerprint(model: str, messages: list) -> str:
+  """A short hash of what a request asks: a stored reply whose fingerprint differs answers another question."""
+  return hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass

@@ -119,6 +119,12 @@ def word_tokenizer(words, *, specials=('<unk>', '<s>', '</s>', '<pad>'), pre_tok
   return tok
 
 
+def write_jsonl(path, rows) -> str:
+  """Writes `rows` as JSON lines to `path` (a pathlib.Path); returns it as a string."""
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return str(path)
+
+
 COLORS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 220)}
 COLOR_WORDS = ('A chat between a curious user and an artificial intelligence assistant . The gives helpful , '
                "detailed polite answers to the user's questions USER ASSISTANT : What color is square ? red green "

@@ -10,21 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
+import importlib.util
+import io
 import os
 import random
 import runpy
 import sys
 import types
 
-import llava
-from llava import conversation  # noqa: F401  (plain module, imports on transformers 5 as is)
+# `llava/__init__.py` imports every model class (17 s here, and nothing the oracle needs): the package is
+# registered by its path instead, so only the submodules asked for load.
+_SPEC = importlib.util.find_spec('llava')
+LLAVA_DIR = list(_SPEC.submodule_search_locations)[0]
+if 'llava' not in sys.modules:
+  _package = types.ModuleType('llava')
+  _package.__path__ = [LLAVA_DIR]
+  sys.modules['llava'] = _package
+from llava import conversation  # noqa: E402  (plain module, imports on transformers 5 as is)
 
-LLAVA_DIR = os.path.dirname(llava.__file__)
 REQUERY_SCRIPT = os.path.join(LLAVA_DIR, 'eval', 'eval_science_qa_gpt4_requery.py')
 
 
-def _load_train():
+@functools.cache
+def train():
+  """`llava.train.train`, imported with stand-ins for its trainer and model modules."""
   stubs = {'llava.model': types.ModuleType('llava.model'),
            'llava.train.llava_trainer': types.ModuleType('llava.train.llava_trainer')}
   stubs['llava.train.llava_trainer'].LLaVATrainer = object
@@ -38,9 +49,6 @@ def _load_train():
         sys.modules.pop(k, None)
       else:
         sys.modules[k] = v
-
-
-train = _load_train()
 
 
 def preprocess(template_name: str, conversations: list, tokenizer, has_image: bool) -> dict:
@@ -61,9 +69,9 @@ def preprocess(template_name: str, conversations: list, tokenizer, has_image: bo
   try:
     if has_image:
       data_args = types.SimpleNamespace(is_multimodal=True, mm_use_im_start_end=False)
-      sources = train.preprocess_multimodal(sources, data_args)
+      sources = train().preprocess_multimodal(sources, data_args)
     with contextlib.redirect_stdout(open(os.devnull, 'w')):  # its "tokenization mismatch" warnings
-      out = train.preprocess(sources, tokenizer, has_image=has_image)
+      out = train().preprocess(sources, tokenizer, has_image=has_image)
   finally:
     conversation.default_conversation = saved
     if added_legacy:
@@ -77,7 +85,7 @@ def multimodal_values(template_name: str, conversations: list) -> list:
   conversation.default_conversation = conversation.conv_templates[template_name]
   try:
     data_args = types.SimpleNamespace(is_multimodal=True, mm_use_im_start_end=False)
-    sources = train.preprocess_multimodal([copy.deepcopy(conversations)], data_args)
+    sources = train().preprocess_multimodal([copy.deepcopy(conversations)], data_args)
   finally:
     conversation.default_conversation = saved
   return [turn['value'] for turn in sources[0]]
@@ -106,7 +114,6 @@ def requery_score(base_dir: str, our_result: str, gpt4_result: str, requery_resu
   sys.argv = argv
   random.seed(seed)
   try:
-    import io
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
       runpy.run_path(REQUERY_SCRIPT, run_name='__main__')

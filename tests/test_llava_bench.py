@@ -7,6 +7,7 @@ import types
 import pytest
 
 from chat_server import ChatServer, last_user_message
+from conftest import write_jsonl
 from llava_jax.eval import llava_bench
 
 # question_id -> (category, image, [reference score, candidate score]); q6 has no candidate answer.
@@ -33,11 +34,6 @@ def judge(request):
 def server():
   with ChatServer(judge) as s:
     yield s
-
-
-def write_jsonl(path, rows):
-  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-  return str(path)
 
 
 @pytest.fixture(scope='module')

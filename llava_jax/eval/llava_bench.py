@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import os
 import re
@@ -88,10 +87,6 @@ def parse_scores(reply: str) -> Optional[list]:
   return scores if all(1 <= s <= 10 for s in scores) else None
 
 
-def _fingerprint(model: str, messages: list) -> str:
-  return hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()[:16]
-
-
 def make_review_jobs(questions, contexts, references, answers, judge_model: str):
   """(jobs, counts of questions left out because an input lacks them)."""
   by_image = {}
@@ -114,7 +109,7 @@ def make_review_jobs(questions, contexts, references, answers, judge_model: str)
     messages = review_messages(context_text(ctx), q['text'], reference[qid]['text'], candidate[qid]['text'])
     meta = {'question_id': q['question_id'], 'category': category_name(q['category']),
             'answer1_id': reference[qid].get('answer_id'), 'answer2_id': candidate[qid].get('answer_id'),
-            'fingerprint': _fingerprint(judge_model, messages)}
+            'fingerprint': api_client.request_fingerprint(judge_model, messages)}
     jobs.append(api_client.Job(key=qid, messages=messages, meta=meta))
   return jobs, missing
 

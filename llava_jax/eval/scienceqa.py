@@ -4,10 +4,15 @@
   python -m llava_jax.eval.scienceqa predict --checkpoint model/ --questions out/scienceqa_test_questions.jsonl \
       --image-folder sqa/images --out answers.jsonl
   python -m llava_jax.eval.scienceqa score --problems sqa/problems.json --predictions answers.jsonl
+  python -m llava_jax.eval.scienceqa judge --problems sqa/problems.json --predictions answers.jsonl --out-dir judge/ \
+      --model gpt-4 [--base-url URL --api-key-env OPENAI_API_KEY]
+  python -m llava_jax.eval.scienceqa score --problems sqa/problems.json --predictions answers.jsonl \
+      --gpt4-result judge/gpt4_result.json --requery-result judge/requery_result.jsonl --seed 0
 
 Prompt format QCM -> LEA (LLAVA.md §7): `{question}\\nContext: {hint or N/A}\\nOptions: (A) x (B) y`, target
 `{lecture} {solution} The answer is X.`. Answer parsing and the per-category breakdown follow the original
-release (`llava/eval/eval_science_qa.py`) and the ScienceQA authors' `tools/evaluate_acc.py`.
+release (`llava/eval/eval_science_qa.py`) and the ScienceQA authors' `tools/evaluate_acc.py`. GPT-4 as the judge
+(paper §5.2): `judge` and `score --gpt4-result`, in scienceqa_judge.py.
 """
 
 import argparse
@@ -251,9 +256,55 @@ def _cmd_predict(args):
       seed=args.seed, model_id=args.model_id, image_aspect=args.image_aspect, mesh=mesh)
 
 
+def _load_problems(path):
+  return _load_json(path), _load_json(os.path.join(os.path.dirname(os.path.abspath(path)), 'pid_splits.json'))
+
+
+def _read_answers(path, what):
+  if not os.path.exists(path):
+    sys.exit(f'error: {what} file not found: {path}')
+  return read_predictions(path)[0]
+
+
+def _cmd_judge(args):
+  from llava_jax import api_client
+  from llava_jax.eval import scienceqa_judge
+  problems, pid_splits = _load_problems(args.problems)
+  predictions = _read_answers(args.predictions, 'predictions')
+  try:
+    client = api_client.client_from_args(args)
+    stats = scienceqa_judge.run_judge(client, problems, pid_splits, predictions, args.out_dir, split=args.split)
+  except api_client.ApiError as e:
+    sys.exit(f'error: {e}')
+  print(json.dumps(stats))
+  if stats['failed'] or stats['interrupted']:
+    sys.exit(f'{stats["failed"]} requests failed (listed in {os.path.join(args.out_dir, scienceqa_judge.REJECTS)}); '
+             'rerun the same command to ask them again')
+
+
+def _cmd_score_requery(args, problems, pid_splits):
+  from llava_jax.eval import scienceqa_judge
+  if not (args.gpt4_result and args.requery_result):
+    sys.exit('error: --gpt4-result and --requery-result go together')
+  if not os.path.exists(args.gpt4_result):
+    sys.exit(f'error: GPT-4 result file not found: {args.gpt4_result}')
+  result, final = scienceqa_judge.score_requery(
+      problems, pid_splits, _read_answers(args.predictions, 'predictions'),
+      scienceqa_judge.read_gpt4_result(args.gpt4_result), _read_answers(args.requery_result, 'requery result'),
+      seed=args.seed, split=args.split, ours_path=args.predictions, gpt4_path=args.gpt4_result)
+  if args.output_result:
+    with open(args.output_result, 'w') as f:
+      json.dump(scienceqa_judge.original_output(result, final), f, indent=2)
+  summary = scienceqa_judge.requery_summary(result)
+  if summary:
+    print(summary, file=sys.stderr)
+  print(json.dumps(result))
+
+
 def _cmd_score(args):
-  problems = _load_json(args.problems)
-  pid_splits = _load_json(os.path.join(os.path.dirname(os.path.abspath(args.problems)), 'pid_splits.json'))
+  problems, pid_splits = _load_problems(args.problems)
+  if args.gpt4_result or args.requery_result:
+    return _cmd_score_requery(args, problems, pid_splits)
   if not os.path.exists(args.predictions):
     sys.exit(f'error: predictions file not found: {args.predictions}')
   predictions, duplicates = read_predictions(args.predictions)
@@ -304,7 +355,21 @@ def main(argv=None):
   p.add_argument('--predictions', required=True, help='answers JSONL: question_id, prompt, text per line')
   p.add_argument('--split', default='test')
   p.add_argument('--details', help='optional JSONL of per-question parsed answers')
+  g = p.add_argument_group('GPT-4 as the judge (eval_science_qa_gpt4_requery.py; files written by judge)')
+  g.add_argument('--gpt4-result', help='{"outputs": {question_id: GPT-4 answer}} JSON')
+  g.add_argument('--requery-result', help='re-query answers JSONL (question_id, text)')
+  g.add_argument('--seed', type=int, default=0,
+                 help='seed of the random option the original picks for an unparsable answer (default: %(default)s)')
+  g.add_argument('--output-result', help="write the original's output JSON (acc, correct, count, results) here")
   p.set_defaults(fn=_cmd_score)
+
+  p = sub.add_parser('judge', help="ask a judge model (GPT-4) for its answers and, where they differ from ours, "
+                                   "for the final one (resumable)",
+                     description='Writes the files `score --gpt4-result --requery-result` reads. Problems without '
+                                 'a usable reply are listed in rejects.jsonl.')
+  from llava_jax.eval import scienceqa_judge
+  scienceqa_judge.judge_args(p)
+  p.set_defaults(fn=_cmd_judge)
 
   args = parser.parse_args(argv)
   try:
