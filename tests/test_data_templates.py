@@ -247,3 +247,13 @@ def test_template_without_its_special_tokens_names_file_and_key(toks, tmp_path):
   data = tmp_path / 'data.json'
   data.write_text(json.dumps([{'id': '0', 'conversations': TEXT_CONV}]))
   assert inspect.main(['--data', str(data), '--tokenizer', str(tmp_path / 'qwen2'), '--template', 'llama_3']) == 1
+
+
+def test_generation_stops_at_the_turn_end():
+  """ChatML / Llama-3 turn ends stop generation even when the tokenizer's EOS is another token (Yi's
+  `<|endoftext|>`, base Llama-3's `<|end_of_text|>`), as the original's stop string `conv.sep` does."""
+  from llava_jax.inference import stop_strings_for
+  assert stop_strings_for('qwen_2') == stop_strings_for('chatml_direct') == stop_strings_for('mpt') == ('<|im_end|>',)
+  assert stop_strings_for('llama_3') == ('<|eot_id|>',)
+  assert stop_strings_for('v0') == stop_strings_for('v0_mmtag') == ('###',)
+  assert stop_strings_for('mistral_instruct') == stop_strings_for('v1_mmtag') == ()  # EOS ends those
