@@ -10,6 +10,7 @@ import random
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,6 +25,7 @@ from llava_jax.serve import __main__ as serve_main
 from llava_jax.serve.app import create_app
 from test_predict import save_tiny_model, write_image
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 12  # as test_predict / test_chat: the Sampler's compiled programs are shared through the cache
 QUESTIONS = ('what is in the image ?', 'what is it ?', 'is it in the image ?', 'what ?')
 
@@ -298,3 +300,45 @@ def test_queue_full_429_and_disconnect_frees_slot(env):
     time.sleep(0.02)
   assert engine.stats['cancelled'] == cancelled + 1 and not any(engine.slots)
   assert ask(env, QUESTIONS[1]).choices[0].finish_reason in ('stop', 'length')
+
+
+def test_web_chat_in_chromium(env):
+  """Debian's headless Chromium (never a downloaded one) opens /web, uploads an image, asks, and watches the answer
+  stream in; it equals the API's greedy answer for the same image and settings."""
+  from playwright.sync_api import sync_playwright
+  image = env['root'] / 'images' / '1.png'
+  expected = ask(env, QUESTIONS[0], image).choices[0].message.content
+  shot = Path(ROOT) / '.pytest_cache' / 'web_chat.png'  # kept after the run (pytest prunes old tmp dirs)
+  shot.parent.mkdir(exist_ok=True)
+  with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path='/usr/bin/chromium', headless=True, args=['--no-sandbox'])
+    try:
+      page = browser.new_page(viewport={'width': 1200, 'height': 800})
+      page.goto(env['url'] + '/web/', wait_until='load')
+      page.wait_for_selector('#question textarea', timeout=60_000)
+      page.set_input_files('#image input[type=file]', str(image))
+      page.wait_for_selector('#image img', timeout=30_000)
+      for slider, value in (('#temperature', '0'), ('#max_tokens', str(MAX_NEW))):
+        page.fill(f'{slider} input[type=number]', value)
+        page.press(f'{slider} input[type=number]', 'Enter')
+      # Every text the answer bubble shows, as the page renders it.
+      page.evaluate("""() => { window.seen = [];
+        new MutationObserver(() => { const b = document.querySelectorAll('#chat .message.bot');
+          if (b.length) window.seen.push(b[b.length - 1].innerText.trim()); })
+          .observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true}); }""")
+      page.fill('#question textarea', QUESTIONS[0])
+      page.press('#question textarea', 'Enter')
+      page.wait_for_function("""want => { const b = document.querySelectorAll('#chat .message.bot');
+        return b.length && b[b.length - 1].innerText.trim() === want; }""", arg=' '.join(expected.split()),
+                             timeout=60_000)
+      page.screenshot(path=str(shot), full_page=True)
+      print(f'web chat screenshot: {shot}')
+      want = ' '.join(expected.split())
+      prefixes = [t for t in dict.fromkeys(page.evaluate('window.seen')) if t and want.startswith(t)]
+      assert len(prefixes) >= 3 and prefixes[-1] == want, prefixes  # streamed: the answer grew in place
+      assert page.inner_text('#chat .message.user').strip() == QUESTIONS[0]
+      page.click('#reset')
+      page.wait_for_function("() => !document.querySelector('#chat .message.bot')", timeout=30_000)
+    finally:
+      browser.close()
+  assert shot.stat().st_size > 10_000

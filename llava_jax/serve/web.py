@@ -60,7 +60,7 @@ def build_web(engine: Engine, limits: Limits) -> gr.Blocks:
     turns = gr.State([])
     with gr.Row():
       with gr.Column(scale=1):
-        image = gr.Image(type='pil', label='Image', elem_id='image', sources=['upload'])
+        image = gr.Image(type='pil', label='Image', elem_id='image', sources=['upload'], height=280)
         temperature = gr.Slider(0.0, 2.0, value=0.2, step=0.05, label='Temperature', elem_id='temperature')
         max_tokens = gr.Slider(1, limits.max_tokens, value=min(256, limits.max_tokens), step=1,
                                label='Max new tokens', elem_id='max_tokens')
