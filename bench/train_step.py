@@ -13,8 +13,9 @@ Both sides get the same random weights (ours exported with `export_hf_llava`, lo
 the same batch (one image of 64 tokens per sample after BOS, the rest text, prompt unsupervised); their first
 losses are printed as a check that they compute the same thing. Timing: --repeats rounds, each timing --steps
 steps of ours then of torch (alternating which goes first); the table gives the median round (and the best one).
-tokens/s = batch * seq / step time. MFU = model FLOPs of the step (`train.flops.step_flops`: 6N/token where a
-module trains, 4N where only the gradient passes, 2N forward only, plus attention) / step time / the MEASURED fp32
+tokens/s = real (non-padding) tokens / step time, samples/s beside it. MFU = model FLOPs of the real work
+(`train.flops.work_flops` of `train.step.batch_work`: 6N/token where a module trains, 4N where only the gradient
+passes, 2N forward only, plus attention per sample) / step time / the MEASURED fp32
 matmul peak of this machine (best of a large `jnp.dot`). Peak memory: RSS growth while each side builds and runs
 its first steps (ours before torch exists), and XLA's memory analysis of the compiled step. CPU s (user + sys of
 all threads per step) and page faults per step come from getrusage around each side's rounds; on a machine shared
@@ -46,6 +47,7 @@ from llava_jax.models.config import LlamaConfig, LlavaConfig, VisionConfig  # no
 from llava_jax.models.llava import abstract_params, init_params  # noqa: E402
 from llava_jax.train import flops, setup as setup_lib  # noqa: E402
 from llava_jax.data.tokenize import IGNORE_INDEX  # noqa: E402
+from llava_jax.train.step import batch_work  # noqa: E402
 
 STAGES = {1: common.STAGE1_TRAINABLE, 2: common.STAGE2_TRAINABLE}
 
@@ -300,8 +302,12 @@ def main(argv=None):
     print(setup.memory)
     loss_ours = ours(1)
     ours(a.warmup)
-  n_tokens = a.batch * a.seq
-  step_flops = flops.step_flops(config, setup.mask, abstract_params(config), a.batch, a.seq, images=a.batch)
+  # Real work only (no padding in this batch, but counted the way the trainer counts it): train.step.batch_work.
+  work = {k: float(v) for k, v in batch_work(batch_np, config.image_token_id).items()}
+  n_tokens, n_samples = work['real_tokens'], work['samples']
+  pad = 1.0 - n_tokens / (a.batch * a.seq)
+  step_flops = flops.work_flops(flops.unit_flops(config, setup.mask, abstract_params(config)), n_tokens,
+                                work['attention_pairs'], work['images'])
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
 
   torch_run, torch_rss = None, {'growth': 0}
@@ -325,16 +331,18 @@ def main(argv=None):
     print(f'round {r + 1}/{a.repeats}: {line} (median so far)', flush=True)
   peak = max(peak, flops.measure_matmul_peak('float32', n=a.peak_size, reps=10))
 
-  print(f'\nstep: {step_flops / 1e9:.2f} GFLOP (model), {n_tokens} tokens; measured fp32 matmul peak '
+  print(f'\nstep: {step_flops / 1e9:.2f} GFLOP (model), {n_tokens:.0f} real tokens, {n_samples:.0f} samples, pad '
+        f'fraction {pad:.2f}; measured fp32 matmul peak '
         f'({a.peak_size}^2 jnp.dot, best of 20) {peak / 1e9:.1f} GFLOP/s; load average now {os.getloadavg()[0]:.1f}')
-  print(f'{"":6} {"step ms":>8} {"(best)":>7} {"tokens/s":>9} {"(best)":>7} {"MFU":>6} {"CPU s":>6} {"sys s":>6} '
-        f'{"faults":>8} {"peak RSS +":>11}')
+  print(f'{"":6} {"step ms":>8} {"(best)":>7} {"tokens/s":>9} {"(best)":>7} {"samples/s":>9} {"MFU":>6} {"CPU s":>6} '
+        f'{"sys s":>6} {"faults":>8} {"peak RSS +":>11}')
   med = {}
   for name, grow in [('ours', ours_rss), ('torch', torch_rss)][:len(sides)]:
     m = {k: statistics.median(x[k] for x in rounds[name]) for k in ('wall', 'user', 'sys', 'faults')}
     med[name] = m['wall']
     best = min(x['wall'] for x in rounds[name])
     print(f'{name:6} {m["wall"] * 1e3:8.1f} {best * 1e3:7.1f} {n_tokens / m["wall"]:9.0f} {n_tokens / best:7.0f} '
+          f'{n_samples / m["wall"]:9.1f} '
           f'{step_flops / m["wall"] / peak:6.1%} {m["user"] + m["sys"]:6.2f} {m["sys"]:6.2f} {m["faults"]:8.0f} '
           f'{mib(grow["growth"]):>11}')
   print('(medians over rounds; CPU s = user + sys seconds of all threads per step; faults = minor page faults per '

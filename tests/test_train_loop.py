@@ -84,7 +84,8 @@ def test_export_and_metrics(uninterrupted, dataset):
   assert [r['loss'] for r in records] == full['losses']
   logged = [r for r in records if 'mfu' in r]
   assert [r['step'] for r in logged] == [2, 4, 6]
-  assert all(r['tokens_per_s'] > 0 and 0 < r['mfu'] < 1 for r in logged)
+  assert all(r['tokens_per_s'] > 0 and r['samples_per_s'] > 0 and 0 < r['mfu'] < 1 for r in logged)
+  assert all(0 < r['pad_fraction'] < 1 for r in logged)  # short questions in padded rows
   assert full['losses'][-1] < full['losses'][0]
   assert sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()) == [4, 6]  # keep=2
 

@@ -19,7 +19,7 @@ from llava_jax.models.llava import abstract_params, init_params  # noqa: E402
 from llava_jax.train import flops, partition  # noqa: E402
 from llava_jax.train import setup as setup_lib  # noqa: E402
 from llava_jax.train.optim import make_optimizer  # noqa: E402
-from llava_jax.train.step import next_token_loss  # noqa: E402
+from llava_jax.train.step import batch_work, next_token_loss  # noqa: E402
 
 STAGE1 = (('projector/.*', True), ('.*', False))
 STAGE2 = (('projector/.*', True), ('language_model/.*', True), ('.*', False))
@@ -229,3 +229,23 @@ def test_flops_count_only_what_is_differentiated(cfg):
   assert stage1 == pytest.approx(expect1)
   stage2 = flops.step_flops(cfg, mask_of(STAGE2), shapes, b, s, b)
   assert stage2 - stage1 == pytest.approx(2 * n('language_model') * llm_tokens)
+
+
+def test_batch_work_counts_real_tokens_samples_and_attention_per_sample(cfg):
+  """Unpacked rows (lengths 5 and 3 of 8, one image) and the same samples packed in one row (two image slots, one
+  used): the same work, padding excluded; attention pairs per sample 5^2 + 3^2."""
+  ids = np.full((2, 8), 7, np.int32)
+  ids[0, 1] = cfg.image_token_id
+  unpacked = {'input_ids': ids, 'attention_mask': np.array([[1] * 5 + [0] * 3, [1] * 3 + [0] * 5], np.int32),
+              'pixel_values': np.zeros((2, 4, 4, 3), np.float32)}
+  packed = {'input_ids': ids[:1], 'segment_ids': np.array([[1] * 5 + [2] * 3]), 'positions': np.array([[0, 1, 2, 3, 4,
+            0, 1, 2]]), 'pixel_values': np.zeros((1, 2, 4, 4, 3), np.float32), 'image_valid': np.array([[True, False]])}
+  expect = {'real_tokens': 8, 'samples': 2, 'images': 1, 'attention_pairs': 34}
+  for batch in (unpacked, packed):
+    assert {k: float(v) for k, v in batch_work(batch, cfg.image_token_id).items()} == expect
+  shapes = abstract_params(cfg)
+  mask = partition.trainable_paths(shapes, STAGE2)
+  units = flops.unit_flops(cfg, mask, shapes)
+  full = flops.step_flops(cfg, mask, shapes, 2, 8, 2)
+  assert flops.work_flops(units, 16, 2 * 64, 2) == pytest.approx(full)
+  assert flops.work_flops(units, 8, 34, 1) < 0.6 * full

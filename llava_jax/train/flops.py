@@ -7,8 +7,10 @@ Per module with N matmul weights (embedding lookups excluded) applied to T token
 So a trained LLM costs 6N per token, a frozen one that the projector's gradient passes through 4N (stage 1), and
 a frozen vision tower that nothing before it trains 2N (forward only). Attention adds, per token and layer,
 4 d T_ctx forward (QK^T and AV over the full, non-causal context, as PaLM/MaxText count it) and twice that again
-when a gradient flows through it. Tokens: the LLM runs on every position of the padded sequence; the vision
-tower on patches (+ CLS) of every image; the projector on the selected image features.
+when a gradient flows through it; the context of a token is its own sample (its segment in a packed row).
+Tokens: the LLM on the tokens of the samples, the vision tower on patches (+ CLS) of every image, the projector on
+the selected image features. `step_flops` counts every position of fixed-shape rows (the compute the hardware
+does); MFU counts only the work of real tokens and images (`work_flops` of `train.step.batch_work`).
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ def _is_matmul(path: str) -> bool:
   return not any(part in path for part in _NOT_MATMUL)
 
 
-def step_flops(config: LlavaConfig, mask: dict[str, bool], shapes, batch: int, seq_len: int,
-               images: int) -> float:
-  """FLOPs of one optimizer step over `batch` sequences of `seq_len` tokens holding `images` images."""
+def unit_flops(config: LlavaConfig, mask: dict[str, bool], shapes) -> dict[str, float]:
+  """FLOPs of one optimizer step per unit of work: 'token' (an LLM token), 'attention_pair' (a (query, key)
+  pair of one LLM sample: a sample of L tokens has L^2) and 'image' (the vision tower and projector on one image)."""
   v = config.vision
   weights = {m: [0.0, 0.0] for m in ORDER}   # [all matmul weights, trainable ones]
   for path, leaf in partition.flatten(shapes).items():
@@ -43,19 +45,34 @@ def step_flops(config: LlavaConfig, mask: dict[str, bool], shapes, batch: int, s
     n = float(np.prod(leaf.shape))
     weights[module][0] += n
     weights[module][1] += n if mask[path] else 0.0
-  tokens = {'vision_tower': images * (v.num_patches + 1), 'projector': images * config.num_image_tokens,
-            'language_model': batch * seq_len}
-  attn = {'vision_tower': 4.0 * v.num_layers_used * v.hidden_size * (v.num_patches + 1),
-          'projector': 0.0,
-          'language_model': 4.0 * config.text.num_layers * config.text.num_heads * config.text.dim_per_head
-                            * seq_len}
-  total, flowing = 0.0, False
+  # Tokens per unit, and attention FLOPs per token of a module (the vision tower's context is its own image).
+  tokens = {'vision_tower': v.num_patches + 1, 'projector': config.num_image_tokens, 'language_model': 1}
+  attn = {'vision_tower': 4.0 * v.num_layers_used * v.hidden_size * (v.num_patches + 1), 'projector': 0.0,
+          'language_model': 0.0}
+  units, flowing = {'image': 0.0}, False
   for m in ORDER:
     n_all, n_trained = weights[m]
     flowing = flowing or n_trained > 0
     per_token = 2 * n_all + (2 * n_all if flowing else 0) + 2 * n_trained + attn[m] * (3 if flowing else 1)
-    total += per_token * tokens[m]
-  return total
+    if m == 'language_model':
+      t = config.text
+      units['token'] = per_token
+      units['attention_pair'] = 4.0 * t.num_layers * t.num_heads * t.dim_per_head * (3 if flowing else 1)
+    else:
+      units['image'] += per_token * tokens[m]
+  return units
+
+
+def work_flops(units: dict[str, float], tokens: float, attention_pairs: float, images: float) -> float:
+  """FLOPs of a step that did this work (see unit_flops; counts from train.step.batch_work)."""
+  return units['token'] * tokens + units['attention_pair'] * attention_pairs + units['image'] * images
+
+
+def step_flops(config: LlavaConfig, mask: dict[str, bool], shapes, batch: int, seq_len: int,
+               images: int) -> float:
+  """FLOPs of one optimizer step over `batch` sequences of `seq_len` tokens holding `images` images, every
+  position counted (what fixed-shape rows compute, padding included)."""
+  return work_flops(unit_flops(config, mask, shapes), batch * seq_len, batch * seq_len ** 2, images)
 
 
 # Dense bf16 peak per chip (vendor figures); other devices are measured.

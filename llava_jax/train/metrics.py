@@ -11,6 +11,40 @@ import time
 
 import jax
 
+from llava_jax.train import flops
+
+WORK_KEYS = ('real_tokens', 'samples', 'images', 'attention_pairs')  # train.step.batch_work
+
+
+class Throughput:
+  """Rates over a window of steps, counting real work only: tokens/s and samples/s without padding, MFU from
+  the FLOPs of the real tokens, their per-sample attention and the used images (flops.work_flops), and the pad
+  fraction of the rows beside them."""
+
+  def __init__(self, units: dict[str, float], row_tokens: int, peak_flops: float):
+    self.units, self.row_tokens, self.peak = units, row_tokens, peak_flops  # row_tokens: batch * seq per step
+    self._reset()
+
+  def _reset(self):
+    self._t, self._steps, self._flops = time.perf_counter(), 0, 0.0
+    self._work = dict.fromkeys(WORK_KEYS, 0.0)
+
+  def add(self, step_metrics: dict[str, float]) -> None:
+    self._steps += 1
+    for k in WORK_KEYS:
+      self._work[k] += step_metrics[k]
+    w = {k: step_metrics[k] for k in WORK_KEYS}
+    self._flops += flops.work_flops(self.units, w['real_tokens'], w['attention_pairs'], w['images'])
+
+  def rates(self) -> dict[str, float]:
+    """Since the last call: step_time_s, tokens_per_s, samples_per_s, pad_fraction, mfu."""
+    dt = max(time.perf_counter() - self._t, 1e-9)
+    n, w = max(self._steps, 1), self._work
+    out = {'step_time_s': dt / n, 'tokens_per_s': w['real_tokens'] / dt, 'samples_per_s': w['samples'] / dt,
+           'pad_fraction': 1.0 - w['real_tokens'] / (n * self.row_tokens), 'mfu': self._flops / dt / self.peak}
+    self._reset()
+    return out
+
 
 class MetricsWriter:
   """Appends one JSON object per logged step to `<workdir>/metrics.jsonl` and mirrors scalars to TensorBoard."""
@@ -50,7 +84,8 @@ def _fmt_time(seconds: float) -> str:
 
 
 class Progress:
-  """`[stage] 120/1000 [####......] 12% loss 2.314 lr 1.9e-03 2,310 tok/s MFU 41.2% ETA 03:12`.
+  """`[stage] 120/1000 [####......] 12% loss 2.314 lr 1.9e-03 2,310 tok/s 9.1 samples/s pad 3% MFU 41.2% ETA 03:12`
+  (tok/s and MFU without padding: see Throughput).
 
   Redraws in place on a terminal; on a pipe prints a line every `every` steps and at the end.
   """
@@ -77,6 +112,10 @@ class Progress:
       parts.append(f'lr {metrics["lr"]:.2e}')
     if 'tokens_per_s' in metrics:
       parts.append(f'{metrics["tokens_per_s"]:,.0f} tok/s')
+    if 'samples_per_s' in metrics:
+      parts.append(f'{metrics["samples_per_s"]:,.1f} samples/s')
+    if 'pad_fraction' in metrics:
+      parts.append(f'pad {100 * metrics["pad_fraction"]:.0f}%')
     if 'mfu' in metrics:
       parts.append(f'MFU {100 * metrics["mfu"]:.1f}%')
     parts.append(f'ETA {_fmt_time(eta)}')

@@ -82,18 +82,32 @@ def opt_state_shardings(tx, abstract_trainable, mesh: Mesh):
   return _with_sharding(state, out)
 
 
-def abstract_batch(mesh: Mesh, model_config: LlavaConfig, global_batch: int, seq_len: int):
+def abstract_batch(mesh: Mesh, model_config: LlavaConfig, global_batch: int, seq_len: int, *, packed: bool = False,
+                   image_slots: Optional[int] = None):
+  """The batch the step takes (see step.make_train_step): packed rows add segment_ids and positions; with
+  `image_slots` the images come as [global_batch, image_slots, H, W, 3] plus image_valid."""
   ids = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
   size = model_config.vision.image_size
-  pix = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32, sharding=sharding.batch_sharding(mesh, 4))
-  return {'input_ids': ids, 'labels': ids, 'attention_mask': ids, 'pixel_values': pix}
+  batch = {'input_ids': ids, 'labels': ids, 'attention_mask': ids}
+  if packed:
+    batch.update(segment_ids=ids, positions=ids)
+  if image_slots is None:
+    batch['pixel_values'] = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32,
+                                                 sharding=sharding.batch_sharding(mesh, 4))
+  else:
+    batch['pixel_values'] = jax.ShapeDtypeStruct((global_batch, image_slots, size, size, 3), jnp.float32,
+                                                 sharding=sharding.batch_sharding(mesh, 5))
+    batch['image_valid'] = jax.ShapeDtypeStruct((global_batch, image_slots), jnp.bool_,
+                                                sharding=sharding.batch_sharding(mesh, 2))
+  return batch
 
 
 def create(model_config: LlavaConfig, rules, optim, total_steps: int, mesh: Mesh, *, global_batch: int,
-           seq_len: int, grad_accum_steps: int = 1, compile: bool = True) -> StepSetup:
+           seq_len: int, grad_accum_steps: int = 1, compile: bool = True, packed: bool = False,
+           image_slots: Optional[int] = None) -> StepSetup:
   """Split, optimizer, shardings and the ahead-of-time compiled step (`step` is None with compile=False).
 
-  `optim`: the config's `optim` section.
+  `optim`: the config's `optim` section; `packed`, `image_slots`: the batch layout (abstract_batch).
   """
   model = Llava(model_config)
   mask = partition.trainable_paths(abstract_params(model_config), rules)
@@ -104,7 +118,7 @@ def create(model_config: LlavaConfig, rules, optim, total_steps: int, mesh: Mesh
   rep = sharding.replicated(mesh)
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=trainable,
                      opt_state=opt_state_shardings(tx, trainable, mesh))
-  batch = abstract_batch(mesh, model_config, global_batch, seq_len)
+  batch = abstract_batch(mesh, model_config, global_batch, seq_len, packed=packed, image_slots=image_slots)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   fn = make_train_step(model, tx, lr, grad_accum_steps)
   jitted = jax.jit(fn, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, frozen),

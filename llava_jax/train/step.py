@@ -56,6 +56,27 @@ def next_token_loss(logits: jax.Array, labels: jax.Array,
   return jnp.sum(jnp.where(mask, lse - picked, 0.0)), jnp.sum(mask, dtype=jnp.float32)
 
 
+def batch_work(batch: Batch, image_token_id: int) -> dict[str, jax.Array]:
+  """What a batch asks of the model, padding excluded (fp32 scalars; jnp, so on device or host arrays):
+  real_tokens (non-padding), samples, images (images that samples use), attention_pairs (sum over samples of
+  length^2: the per-sample attention context that flops.py counts).
+  """
+  if 'segment_ids' in batch:
+    real = batch['segment_ids'] > 0
+    pos = batch['positions']
+  else:
+    real = batch['attention_mask'] > 0
+    pos = jnp.cumsum(real, axis=1) - 1
+  f32 = lambda x: jnp.sum(x, dtype=jnp.float32)
+  if batch['pixel_values'].ndim == 5:
+    images = f32(batch['image_valid'])
+  else:
+    images = f32(jnp.any(batch['input_ids'] == image_token_id, axis=1))
+  # A sample of L tokens at positions 0..L-1: sum of (2 p + 1) = L^2.
+  return {'real_tokens': f32(real), 'samples': f32(real & (pos == 0)), 'images': images,
+          'attention_pairs': f32(jnp.where(real, 2 * pos + 1, 0))}
+
+
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callable,
                     grad_accum_steps: int = 1) -> Callable:
   """Build `train_step(state, frozen, batch) -> (state, metrics)`.
@@ -64,7 +85,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callab
   [global_batch, H, W, 3]. Packed rows add segment_ids / positions int32 [global_batch, seq], and their
   pixel_values are [global_batch, slots, H, W, 3] with image_valid bool [global_batch, slots].
   metrics: loss (mean over supervised tokens), grad_norm, lr, tokens (supervised), finite (0/1; on a non-finite
-  loss or gradient the state is returned unchanged).
+  loss or gradient the state is returned unchanged), and the work of the batch (batch_work).
   """
   def summed_loss(params, frozen, mb):
     packed = {k: mb[k] for k in PACKED_KEYS if k in mb}
@@ -107,7 +128,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callab
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state))
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': lr_schedule(state.step), 'tokens': n_tokens,
-               'finite': finite.astype(jnp.int32)}
+               'finite': finite.astype(jnp.int32), **batch_work(batch, model.config.image_token_id)}
     return new_state, metrics
 
   return train_step

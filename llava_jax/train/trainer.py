@@ -130,7 +130,8 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   t0 = time.perf_counter()
   setup = setup_lib.create(model_config, config.train.trainable, config.optim, total_steps, mesh,
                            global_batch=d.global_batch_size, seq_len=d.max_length,
-                           grad_accum_steps=config.train.grad_accum_steps, compile=not finished)
+                           grad_accum_steps=config.train.grad_accum_steps, compile=not finished,
+                           packed=bool(d.get('packing', False)), image_slots=getattr(data, 'image_slots', None))
   if not finished:
     log(f'compiled train step in {time.perf_counter() - t0:.1f}s; {setup.memory}')
 
@@ -149,18 +150,20 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
 
   # --- loop -----------------------------------------------------------------------------------------------
   step = int(state.step)
+  units = flops.unit_flops(model_config, setup.mask, abstract_params(model_config))
   step_flops = flops.step_flops(model_config, setup.mask, abstract_params(model_config),
                                 d.global_batch_size, d.max_length, d.global_batch_size)
   if config.log.peak_tflops:
     peak, peak_src = config.log.peak_tflops * 1e12, 'config log.peak_tflops'
   else:
     peak, peak_src = flops.peak_flops_per_device(model_config.dtype)
-  log(f'{step_flops / 1e12:.4g} TFLOP per step (flops.py); peak {peak / 1e12:.4g} TFLOP/s per device ({peak_src})')
+  log(f'{step_flops / 1e12:.4g} TFLOP per step of full rows (flops.py; MFU counts real tokens only); '
+      f'peak {peak / 1e12:.4g} TFLOP/s per device ({peak_src})')
   writer = metrics.MetricsWriter(workdir, config.log.tensorboard)
   progress = metrics.Progress(os.path.basename(workdir), total_steps, start=step, every=config.log.every_steps)
   losses, skipped_in_row, status = [], 0, 'completed'
   last_saved = latest
-  window_t, window_steps = time.perf_counter(), 0
+  throughput = metrics.Throughput(units, d.global_batch_size * d.max_length, peak * jax.device_count())
   try:
     with resume.PreemptionFlag() as preempt:
       while step < total_steps:
@@ -172,16 +175,12 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
         state, m = setup.step(state, frozen, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         step += 1
-        window_steps += 1
+        throughput.add(m)
         losses.append(m['loss'])
         record = {'loss': m['loss'], 'grad_norm': m['grad_norm'], 'lr': m['lr'], 'supervised_tokens': m['tokens'],
                   'skipped': 1.0 - m['finite']}
         if step % config.log.every_steps == 0 or step == total_steps:
-          dt = time.perf_counter() - window_t
-          record['step_time_s'] = dt / window_steps
-          record['tokens_per_s'] = window_steps * d.global_batch_size * d.max_length / dt
-          record['mfu'] = window_steps * step_flops / dt / (peak * jax.device_count())
-          window_t, window_steps = time.perf_counter(), 0
+          record.update(throughput.rates())  # real tokens only: tokens/s, samples/s, pad fraction, MFU
         writer.write(step, record)
         progress.update(step, record)
         if not m['finite']:
