@@ -128,10 +128,11 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
 
   # --- model, optimizer and the compiled step -----------------------------------------------------------
   t0 = time.perf_counter()
+  packing = bool(d.get('packing', False))  # packed rows: segment_ids, positions and image slots (data/pipeline.py)
   setup = setup_lib.create(model_config, config.train.trainable, config.optim, total_steps, mesh,
                            global_batch=d.global_batch_size, seq_len=d.max_length,
                            grad_accum_steps=config.train.grad_accum_steps, compile=not finished,
-                           packed=bool(d.get('packing', False)), image_slots=getattr(data, 'image_slots', None))
+                           packed=packing, image_slots=d.get('max_images_per_row', 1) if packing else None)
   if not finished:
     log(f'compiled train step in {time.perf_counter() - t0:.1f}s; {setup.memory}')
 
