@@ -306,3 +306,27 @@ def test_cudnn_kernel_falls_back_to_xla_where_cudnn_is_missing():
   run = lambda kernel: jax.jit(lambda q, k, v: layers.attention(q, k, v, is_causal=True, segment_ids=seg,
                                                                  kernel=kernel))(q, k, v)
   assert np.array_equal(np.asarray(run('cudnn')), np.asarray(run('xla')))
+
+
+@pytest.mark.parametrize('packed', [True, False])
+def test_cudnn_kernel_gets_causal_and_a_full_mask(monkeypatch, packed):
+  """What reaches jax.nn.dot_product_attention(implementation='cudnn'): is_causal (cuDNN's own causal mask) and
+  segments or key padding as a [batch, 1, q_len, kv_len] mask (its bias must span both lengths)."""
+  q, k, v = qkv(16)
+  seg = packed_segments(16)
+  seen, real = {}, jax.nn.dot_product_attention
+
+  def fake(q, k, v, mask=None, *, is_causal=False, implementation=None):
+    seen.update(shape=mask.shape, is_causal=is_causal, implementation=implementation)
+    return real(q, k, v, mask=mask, is_causal=is_causal, implementation='xla')
+
+  monkeypatch.setattr(layers.jax.nn, 'dot_product_attention', fake)
+  if packed:
+    out = layers.attention(q, k, v, is_causal=True, segment_ids=seg, kernel='cudnn')
+  else:
+    out = layers.attention(q, k, v, (seg > 0)[:, None, None, :], is_causal=True, kernel='cudnn')
+  assert seen == {'shape': (2, 1, 16, 16), 'is_causal': True, 'implementation': 'cudnn'}
+  monkeypatch.undo()
+  mask = layers.segment_mask(seg) if packed else (seg > 0)[:, None, None, :]
+  ref = layers.attention(q, k, v, mask, is_causal=True, kernel='xla')
+  assert rel_err(out, ref) <= 1e-6

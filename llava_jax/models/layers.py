@@ -218,8 +218,10 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, is_
     mask = segment_mask(segment_ids) if mask is None else mask & segment_mask(segment_ids)
   if name == 'cudnn':
     try:
-      # cuDNN builds the causal mask itself (and skips the blocks above the diagonal); segments come as a mask.
-      return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation='cudnn')
+      # cuDNN builds the causal mask itself (and skips the blocks above the diagonal); padding and segments come
+      # as a mask, which it takes as a bias of full [q_len, kv_len] extent only.
+      full = None if mask is None else jnp.broadcast_to(mask, (*mask.shape[:-2], q.shape[1], k.shape[1]))
+      return jax.nn.dot_product_attention(q, k, v, mask=full, is_causal=is_causal, implementation='cudnn')
     except (ValueError, NotImplementedError, RuntimeError, TypeError):
       pass  # a shape, dtype or cuDNN version cuDNN does not take: fall through
   if is_causal:
