@@ -10,6 +10,7 @@ reports its peak RSS (ru_maxrss):
   load_hf_llava (fp32)   params upcast while converting (2x the checkpoint)
   import-hf CLI          load + orbax save of the exported-model dir
   export-hf CLI          orbax restore + safetensors write
+  export-hf, library writer   the same with `safetensors.numpy.save_file` per shard (why we keep our writer)
 One host copy of the params means (peak - RSS after imports) / params ~ 1 (plus the largest single tensor).
 """
 from __future__ import annotations
@@ -77,6 +78,16 @@ json.dump({{'before': before, 'peak': resource.getrusage(resource.RUSAGE_SELF).r
 """
 
 
+# `safetensors.numpy.save_file` takes a whole shard as arrays, so every tensor of the shard is produced first.
+LIBRARY_WRITER = """
+import numpy as np, safetensors.numpy
+from llava_jax.convert import safetensors_io
+def write_one(path, tensors, metadata):
+  safetensors.numpy.save_file({t.name: np.ascontiguousarray(t.produce(), t.dtype) for t in tensors}, path, metadata)
+safetensors_io._write_one = write_one
+"""
+
+
 def measure(step: str) -> tuple[int, int, float]:
   """-> (RSS after imports, peak RSS, wall seconds) of `step` run after the imports in a fresh process."""
   t0 = time.time()
@@ -110,7 +121,9 @@ def main():
            ('load_hf_llava (fp32)', load.format(src, 'float32'), 2 * ckpt_bytes)]
   if not args.skip_cli:
     steps += [('import-hf CLI (load + orbax save)', cli.format(['import-hf', src, out]), ckpt_bytes),
-              ('export-hf CLI (orbax restore + safetensors)', cli.format(['export-hf', out, hf_out]), ckpt_bytes)]
+              ('export-hf CLI (orbax restore + safetensors)', cli.format(['export-hf', out, hf_out]), ckpt_bytes),
+              ('export-hf, library writer (save_file per shard)',
+               LIBRARY_WRITER + cli.format(['export-hf', out, hf_out + '_lib']), ckpt_bytes)]
   rows = []
   for name, step, params_bytes in steps:
     print(f'running {name} ...', flush=True)

