@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import tqdm
 
 from llava_jax.train import flops
 
@@ -76,36 +77,41 @@ class MetricsWriter:
       self._tb.close()
 
 
-def _fmt_time(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
+class _Lines:
+  """A stream for tqdm on a pipe: each redraw ('\\r' + status) becomes one line, so logs read line by line."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, s: str) -> None:
+    s = s.replace('\r', '').rstrip()
+    if s:
+      self.stream.write(s + '\n')
+
+  def flush(self) -> None:
+    self.stream.flush()
 
 
 class Progress:
-  """`[stage] 120/1000 [####......] 12% loss 2.314 lr 1.9e-03 2,310 tok/s 9.1 samples/s pad 3% MFU 41.2% ETA 03:12`
-  (tok/s and MFU without padding: see Throughput).
+  """A tqdm bar: `[stage] 120/1000 [####......]  12%, loss 2.3140 lr 1.90e-03 2,310 tok/s 9.1 samples/s pad 3%
+  MFU 41.2% ETA 03:12` (tok/s and MFU without padding: see Throughput).
 
   Redraws in place on a terminal; on a pipe prints a line every `every` steps and at the end.
   """
 
+  FORMAT = '{desc} {n_fmt}/{total_fmt} [{bar:20}] {percentage:3.0f}%{postfix} ETA {remaining}'
+
   def __init__(self, name: str, total: int, start: int = 0, every: int = 10, stream=None):
-    self.name, self.total, self.every = name, total, every
-    self.stream = stream or sys.stdout
-    self.active = jax.process_index() == 0
-    self.tty = self.active and hasattr(self.stream, 'isatty') and self.stream.isatty()
-    self._t0, self._s0 = time.perf_counter(), start
+    stream = stream or sys.stdout
+    self.every = every
+    self.tty = hasattr(stream, 'isatty') and stream.isatty()
+    # On a pipe tqdm never redraws by itself (mininterval=inf): `update` asks for a line every `every` steps.
+    self._bar = tqdm.tqdm(total=total, initial=start, desc=f'[{name}]', bar_format=self.FORMAT, ascii='.#',
+                          file=stream if self.tty else _Lines(stream), disable=jax.process_index() != 0,
+                          mininterval=0.1 if self.tty else float('inf'), leave=self.tty)
 
   def update(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
-    if not self.active or not (self.tty or force or step % self.every == 0 or step == self.total):
-      return
-    elapsed = time.perf_counter() - self._t0
-    rate = (step - self._s0) / elapsed if elapsed > 0 and step > self._s0 else 0.0
-    eta = (self.total - step) / rate if rate else 0.0
-    frac = step / max(self.total, 1)
-    bar = '#' * int(20 * frac) + '.' * (20 - int(20 * frac))
-    parts = [f'[{self.name}] {step}/{self.total} [{bar}] {100 * frac:3.0f}%']
+    parts = []
     if 'loss' in metrics:
       parts.append(f'loss {metrics["loss"]:.4f}')
     if 'lr' in metrics:
@@ -118,20 +124,13 @@ class Progress:
       parts.append(f'pad {100 * metrics["pad_fraction"]:.0f}%')
     if 'mfu' in metrics:
       parts.append(f'MFU {100 * metrics["mfu"]:.1f}%')
-    parts.append(f'ETA {_fmt_time(eta)}')
-    line = ' '.join(parts)
-    if self.tty:
-      self.stream.write('\r' + line.ljust(110))
-      if step == self.total:
-        self.stream.write('\n')
-    else:
-      self.stream.write(line + '\n')
-    self.stream.flush()
+    self._bar.set_postfix_str(' '.join(parts), refresh=False)
+    self._bar.update(step - self._bar.n)
+    if not self.tty and (force or step % self.every == 0 or step == self._bar.total):
+      self._bar.refresh()
 
   def close(self) -> None:
-    if self.tty:
-      self.stream.write('\n')
-      self.stream.flush()
+    self._bar.close()
 
 
 def log(message: str) -> None:
