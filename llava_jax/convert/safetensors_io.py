@@ -4,7 +4,10 @@ Reading: safetensors (single file, or sharded with `model.safetensors.index.json
 each tensor is read into its own buffer only when asked for, so an import never maps or holds a whole checkpoint.
 `.bin` files are read only through `torch.load(weights_only=True)` (never plain pickle) and only when torch is
 installed.
-Writing: safetensors shards are planned from shapes first and then filled tensor by tensor.
+Writing: safetensors shards are planned from shapes first and then filled tensor by tensor. This writer stays ours:
+`safetensors.numpy.save_file` takes a whole shard as arrays at once, where ours produces one tensor at a time
+(bench/convert_memory.py, 1.11B-param bf16 LLaVA, 2.22 GB, 2026-12-03: export-hf peak RSS 4.24 GB with ours,
+5.30 GB with save_file per shard).
 """
 from __future__ import annotations
 
