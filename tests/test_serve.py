@@ -7,8 +7,6 @@ import io
 import json
 import os
 import random
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -16,13 +14,12 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
 from llava_jax import inference
 from llava_jax.generate import SamplingParams
 from llava_jax.serve import __main__ as serve_main
-from llava_jax.serve.app import create_app
+from llava_jax.serve.app import create_app, serve_in_thread
 from test_predict import save_tiny_model, write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,30 +27,14 @@ MAX_NEW = 12  # as test_predict / test_chat: the Sampler's compiled programs are
 QUESTIONS = ('what is in the image ?', 'what is it ?', 'is it in the image ?', 'what ?')
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 class LiveServer:
   """uvicorn serving `app` on a free 127.0.0.1 port in a thread."""
 
   def __init__(self, app):
-    self.port = free_port()
-    self.url = f'http://127.0.0.1:{self.port}'
-    self.server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=self.port, log_level='warning'))
-    self.thread = threading.Thread(target=self.server.run, daemon=True)
-    self.thread.start()
-    for _ in range(200):
-      if self.server.started:
-        return
-      time.sleep(0.05)
-    raise RuntimeError('uvicorn did not start')
+    self.server, self.url = serve_in_thread(app)
 
   def stop(self):
     self.server.should_exit = True
-    self.thread.join(timeout=10)
 
 
 def data_url(path) -> str:
@@ -189,7 +170,8 @@ def malformed_requests(root):
   cases += [('', 'not valid JSON'), ('null', 'JSON object'), ('[1]', 'JSON object'), ('"x"', 'JSON object'),
             ('{"model": "model", "messages": [' * 50, 'not valid JSON'), ('\xff\xfe', 'not valid JSON')]
   wrong = {'model': [1, None, {}], 'messages': ['hi', [], {}, None, [1], [{'content': 'a'}]],
-           'temperature': ['hot', -1, 3, None, [0]], 'top_p': [0, 1.5, 'x', -0.1], 'max_tokens': [-1, 0, 10**9, 'a', 1.5],
+           'temperature': ['hot', -1, 3, None, [0]], 'top_p': [0, 1.5, 'x', -0.1],
+           'max_tokens': [-1, 0, 10**9, 'a', 1.5],
            'max_completion_tokens': [-5, 25, 10**12], 'seed': ['s', 1.5, [1]], 'stop': [5, [1], ['a'] * 5, ['']],
            'n': [2, 0, 'one'], 'stream': ['yes', 1, {}], 'stream_options': ['x', {'include_usage': 'no'}]}
   for field, values in wrong.items():

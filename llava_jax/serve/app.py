@@ -151,6 +151,21 @@ def create_app(engine: Engine, *, model_name: str, image_dir: Optional[str] = No
   return app
 
 
+def serve_in_thread(app, host: str = '127.0.0.1', port: int = 0):
+  """Starts uvicorn on `app` in a daemon thread (port 0: a free one) -> (server, base url). For tests and the
+  bench; stop with `server.should_exit = True`."""
+  import threading
+  import uvicorn
+  server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level='warning'))
+  threading.Thread(target=server.run, daemon=True).start()
+  for _ in range(400):
+    if server.started:
+      port = server.servers[0].sockets[0].getsockname()[1]
+      return server, f'http://{host}:{port}'
+    time.sleep(0.05)
+  raise RuntimeError('uvicorn did not start')
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
   length = request.headers.get('content-length')
   if length is not None and (not length.isdigit() or int(length) > limit):

@@ -97,16 +97,22 @@ def _admit(model, params, state, input_ids, attention_mask, pixel_values, rows, 
           'top_p': put(state['top_p'], top_p)}, first
 
 
-@functools.partial(jax.jit, static_argnames=('model',), donate_argnames=('state',))
-def _step(model, params, state):
-  """One decode step for every row: feeds each row's last token, writes its K/V at the ring index."""
-  cache = {k: state[k] for k in ('k', 'v', 'mask', 'index', 'next_pos')}
-  last = state['last'][:, None]
+@functools.partial(jax.jit, static_argnames=('model', 'rows'), donate_argnames=('state',))
+def _step(model, params, state, *, rows):
+  """One decode step for the first `rows` rows (the busy ones: requests take the lowest free row): feeds each
+  row's last token, writes its K/V at the ring index. The other rows are left as they are."""
+  part = {k: state[k][:, :rows] if k in ('k', 'v') else state[k][:rows]
+          for k in ('k', 'v', 'mask', 'next_pos', 'last', 'keys', 'count', 'temperature', 'top_p')}
+  cache = {**{k: part[k] for k in ('k', 'v', 'mask', 'next_pos')}, 'index': state['index']}
+  last = part['last'][:, None]
   logits, cache = model.apply({'params': params}, last, None, attention_mask=jnp.ones_like(last), cache=cache)
-  keys = jax.random.wrap_key_data(state['keys'])
-  tok = _sample(model, logits[:, -1], keys, state['count'], state['temperature'], state['top_p'])
-  return {**state, **cache, 'index': cache['index'] % state['mask'].shape[1], 'last': tok,
-          'count': state['count'] + 1}, tok
+  keys = jax.random.wrap_key_data(part['keys'])
+  tok = _sample(model, logits[:, -1], keys, part['count'], part['temperature'], part['top_p'])
+  new = {'k': cache['k'], 'v': cache['v'], 'mask': cache['mask'], 'next_pos': cache['next_pos'], 'last': tok,
+         'count': part['count'] + 1}
+  # Written back in place (the state is donated); all rows share the ring index.
+  out = {k: state[k].at[:, :rows].set(x) if k in ('k', 'v') else state[k].at[:rows].set(x) for k, x in new.items()}
+  return {**state, **out, 'index': cache['index'] % state['mask'].shape[1]}, tok
 
 
 def _sample(model, logits, keys, step, temperature, top_p):
@@ -150,6 +156,8 @@ class Engine:
       raise ValueError(f'prompt bucket {self.buckets[-1]} leaves no room to answer in max_context '
                        f'{self.max_context}')
     self.prefill_sizes = tuple(sorted(set(prefill_sizes or {1, min(8, max_batch_size)})))
+    # Decode programs over the first n rows: a lone request does not pay for max_batch_size rows.
+    self.step_sizes = tuple(sorted({1, min(8, max_batch_size), max_batch_size}))
     if self.prefill_sizes[-1] > max_batch_size:
       raise ValueError(f'prefill size {self.prefill_sizes[-1]} > max_batch_size {max_batch_size}')
     self.max_queue, self.log = max_queue, log
@@ -206,9 +214,11 @@ class Engine:
                                  np.zeros((n,), np.float32), np.ones((n,), np.float32))
       first.block_until_ready()
       self.log(f'compiled prefill {i + 1}/{len(programs)} (batch {n}, prompt {p}) {time.time() - t0:.1f}s')
-    self.state, tok = _step(self.model, self.params, self.state)
-    tok.block_until_ready()
-    self.log(f'compiled decode step (batch {self.batch}, context {self.max_context}) {time.time() - t0:.1f}s')
+    for n in self.step_sizes:
+      self.state, tok = _step(self.model, self.params, self.state, rows=n)
+      tok.block_until_ready()
+      self.log(f'compiled decode step (rows {n} of {self.batch}, context {self.max_context}) '
+               f'{time.time() - t0:.1f}s')
     self.thread = threading.Thread(target=self._loop, name='engine', daemon=True)
     self.thread.start()
     self.ready.set()
@@ -233,23 +243,34 @@ class Engine:
         admitted = self._take_waiting()
       self._free_cancelled()
       try:
-        for bucket_reqs in admitted:
-          pending.append(self._admit(bucket_reqs))
-      except Exception as e:  # a failing prefill fails its requests, not the server
-        self.log(f'prefill failed: {type(e).__name__}: {e}')
-        for reqs in admitted:
-          for r in reqs:
-            self._finish_row(r, error=f'generation failed: {type(e).__name__}')
-      if any(self.slots):
-        self.state, tok = _step(self.model, self.params, self.state)
-        pending.append((tok, [(row, row, r) for row, r in enumerate(self.slots) if r is not None]))
-        self.stats['steps'] += 1
-      # Lag one program: read back the previous tokens while the device runs the step just dispatched.
-      while len(pending) > (1 if any(self.slots) else 0):
-        self._consume(*pending.popleft())
-    for tok, owners in pending:
-      for _, _, r in owners:
-        r.sink(('error', 'server shutting down'))
+        self._iteration(admitted, pending)
+      except Exception as e:  # a failing program fails the requests in flight, not the server
+        self.log(f'generation failed: {type(e).__name__}: {e}')
+        failed = [r for reqs in admitted for r in reqs] + [r for r in self.slots if r is not None]
+        for r in {id(r): r for r in failed}.values():
+          self._finish_row(r, error=f'generation failed: {type(e).__name__}')
+        pending.clear()
+        self.state = _init_state(self.config, self.batch, self.max_context)  # its buffers may be donated
+    for r in [r for r in self.slots if r is not None] + list(self.waiting):
+      r.sink(('error', 'server shutting down'))
+
+  def _iteration(self, admitted, pending):
+    """Prefills the admitted prompts, dispatches one decode step, reads back the previous program's tokens."""
+    for bucket_reqs in admitted:
+      pending.append(self._admit(bucket_reqs))
+    if any(self.slots):
+      busy = max(row for row, r in enumerate(self.slots) if r is not None) + 1
+      t0 = time.perf_counter()
+      rows = next(n for n in self.step_sizes if n >= busy)
+      self.state, tok = _step(self.model, self.params, self.state, rows=rows)
+      self.stats['dispatch_s'] += time.perf_counter() - t0
+      owners = [(row, row, r) for row, r in enumerate(self.slots) if r is not None]
+      pending.append((tok, owners))
+      self.stats['steps'] += 1
+      self.stats['row_steps'] += len(owners)  # / steps = mean rows busy per step
+    # Lag one program: read back the previous tokens while the device runs the step just dispatched.
+    while len(pending) > (1 if any(self.slots) else 0):
+      self._consume(*pending.popleft())
 
   def _take_waiting(self) -> list[list[Request]]:
     """Moves waiting requests into free rows (oldest first); grouped by bucket, in prefill-size chunks."""
@@ -287,13 +308,19 @@ class Engine:
       if r.pixels is not None:
         pixels[i] = r.pixels
       rows[i], seeds[i], temperature[i], top_p[i] = r.row, r.seed, r.temperature, r.top_p
+    t0 = time.perf_counter()
     self.state, first = _admit(self.model, self.params, self.state, ids, mask, pixels, rows,
                                seeds.astype(np.int32), temperature, top_p)
     self.stats['prefills'] += 1
+    self.stats['prefill_rows'] += len(reqs)
+    self.stats['dispatch_s'] += time.perf_counter() - t0
     return first, [(i, r.row, r) for i, r in enumerate(reqs)]
 
   def _consume(self, tokens, owners):
+    t0 = time.perf_counter()
     tokens = np.asarray(tokens)
+    t1 = time.perf_counter()
+    self.stats['wait_s'] += t1 - t0  # the host waiting for the device (profile: where time goes)
     for i, row, r in owners:
       if self.slots[row] is not r:  # finished or cancelled since this program was dispatched
         continue
@@ -309,6 +336,7 @@ class Engine:
         self._finish_row(r, 'stop')
       elif r.generated >= r.max_tokens:
         self._finish_row(r, 'length')
+    self.stats['host_s'] += time.perf_counter() - t1
 
   def _finish_row(self, r: Request, reason: Optional[str] = None, error: Optional[str] = None):
     if r.row is not None and self.slots[r.row] is r:
