@@ -9,7 +9,8 @@ Each level sends max(4, --requests x concurrency) streamed requests (an image + 
 from that many client threads through the official `openai` client. Columns: requests/s and generated tokens/s
 over the level's wall time, and generated tokens per CPU second of this process (server, engine and client
 threads; the figure least moved by other load on a shared machine); time to first token (first content chunk)
-p50; request latency p50 / p99. The engine columns say where the time went: decode steps and the rows busy per step, prompts per prefill, and the share of
+p50; request latency p50 / p99. The engine columns say where the time went: decode steps and the rows busy per
+step, prompts per prefill, and the share of
 the wall time the engine thread spent waiting for the device (`wait`) and in its own host work (`host`:
 detokenizing, stop strings, queueing events). `--profile DIR` writes a jax profiler trace of the highest level.
 """
