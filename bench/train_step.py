@@ -175,7 +175,9 @@ def build_ours(config: LlavaConfig, a, params, batch_np):
 # ------------------------------------------------------------------------------------------------------ torch
 
 
-def build_torch(config: LlavaConfig, a, params, batch_np):
+def torch_trainer(config: LlavaConfig, a, params):
+  """transformers' LlavaForConditionalGeneration with our weights, the stage's trainable parts and AdamW.
+  Returns (step(torch batch) -> loss, number of trainable params, torch threads)."""
   import torch
   import transformers
 
@@ -192,25 +194,41 @@ def build_torch(config: LlavaConfig, a, params, batch_np):
   params_t = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params_t, lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps,
                           weight_decay=optim.weight_decay)
-  batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch_np.items() if k != 'pixel_values'}
-  batch['pixel_values'] = torch.from_numpy(batch_np['pixel_values'].transpose(0, 3, 1, 2).copy())
   autocast = a.dtype == 'bfloat16'
+
+  def step(batch):
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+      loss = model(**batch).loss
+    loss.backward()
+    if optim.clip_norm > 0:
+      torch.nn.utils.clip_grad_norm_(params_t, optim.clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+  return step, sum(p.numel() for p in params_t), torch.get_num_threads()
+
+
+def torch_batch(batch_np: dict) -> dict:
+  """Our numpy batch as transformers takes it (int64 ids, NCHW pixels)."""
+  import torch
+  batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch_np.items() if k != 'pixel_values'}
+  if 'pixel_values' in batch_np:
+    batch['pixel_values'] = torch.from_numpy(batch_np['pixel_values'].transpose(0, 3, 1, 2).copy())
+  return batch
+
+
+def build_torch(config: LlavaConfig, a, params, batch_np):
+  step, n_trainable, threads = torch_trainer(config, a, params)
+  batch = torch_batch(batch_np)
 
   def run(n: int) -> float:
     last = float('nan')
     for _ in range(n):
-      with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
-        loss = model(**batch).loss
-      last = loss.detach()
-      loss.backward()
-      if optim.clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params_t, optim.clip_norm)
-      opt.step()
-      opt.zero_grad(set_to_none=True)
+      last = step(batch)
     return float(last)
 
-  n_trainable = sum(p.numel() for p in params_t)
-  return run, n_trainable, torch.get_num_threads()
+  return run, n_trainable, threads
 
 
 # ---------------------------------------------------------------------------------------------------- profile

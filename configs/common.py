@@ -76,6 +76,11 @@ def stage_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       num_epochs=1,
       shuffle=True,
       group_by_length=False,
+      # Packing: several samples per row of max_length (segment ids, positions restarting per sample); then
+      # global_batch_size counts ROWS per update, and samples per update = rows x samples per row (logged).
+      packing=False,
+      row_length=placeholder(int),   # tokens per packed row; default max_length (which still cuts each sample)
+      max_images_per_row=3,          # image slots of a packed row: each costs a vision-tower pass, used or not
       worker_count=0,
   ))
 

@@ -47,6 +47,9 @@ def get_config(arg='7b_stage2_8xh100'):
   size, stage, target = m.group(1), int(m.group(2)), m.group(3)
   recipe = stage1_pretrain if stage == 1 else stage2_finetune
   c = recipe.get_config(f'llava15_{size}')
+  # FIT below was sized with --dry_run on the paper's rows (one sample per row of 2048, its global batch);
+  # the recipes' packed rows put other token counts on a device: re-size with --dry_run before packing here.
+  c.data.packing, c.data.global_batch_size = False, recipe.RECIPE[f'llava15_{size}'][2]
   name, devices, hbm, tflops = TARGETS[target]
   accum, remat = FIT[(size, stage, target)]
   c.mesh.shape = (1, devices, 1)  # FSDP: params, gradients and optimizer state split over every device

@@ -55,15 +55,19 @@ def test_shipped_recipes_validate(paths, name, variants, stage2):
 
 def test_paper_recipe_values():
   s1 = cli.load(STAGE1 + ':llava_13b')
-  assert (s1.optim.lr, s1.data.global_batch_size, s1.data.template, s1.optim.weight_decay) == (2e-3, 128, 'plain', 0)
+  assert (s1.optim.lr, s1.data.global_batch_size, s1.data.template, s1.optim.weight_decay) == (2e-3, 24, 'plain', 0)
+  # Packed rows: global_batch_size counts rows (24 rows x 5 captions ~ the paper's 128 samples).
+  assert (s1.data.packing, s1.data.row_length, s1.data.max_images_per_row, s1.data.max_length) == (True, 3072, 5, 2048)
   assert config_checks.model_config(s1).projector == 'linear' and s1.train.trainable[0] == ('projector/.*', True)
   s15 = cli.load(STAGE1 + ':llava15_7b')
-  assert (s15.optim.lr, s15.data.global_batch_size) == (1e-3, 256)
+  assert (s15.optim.lr, s15.data.global_batch_size) == (1e-3, 48)  # 48 rows x 5 ~ the paper's 256 samples
   assert config_checks.model_config(s15).projector == 'mlp2x_gelu'
   assert config_checks.model_config(s15).vision.image_size == 336
   s2 = cli.load(os.path.join(CONFIGS, 'stage2_finetune.py:llava15_7b'))
   assert (s2.optim.lr, s2.data.num_epochs, s2.data.image_aspect, s2.data.group_by_length) == (2e-5, 1, 'pad', True)
   assert s2.data.template == 'vicuna_v1' and s2.optim.warmup_ratio == 0.03
+  assert (s2.data.packing, s2.data.global_batch_size, s2.data.row_length, s2.data.max_images_per_row) == (
+      True, 32, 4096, 5)  # 32 rows x ~4.6 samples ~ the paper's 128
   assert ('language_model/.*', True) in s2.train.trainable and s2.train.trainable[-1] == ('.*', False)
   s2v1 = cli.load(os.path.join(CONFIGS, 'stage2_finetune.py:llava_7b'))
   assert s2v1.data.num_epochs == 3

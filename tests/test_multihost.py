@@ -8,7 +8,8 @@ One story, run once per module (the processes are real: jax.distributed, gloo co
      and finishes;
   4. the 2-process checkpoint of step 4 resumes in this single process.
 Losses and final params of A+B and of 4 must equal the reference's (1e-5); records per process are disjoint and
-cover the epoch once.
+cover the epoch once. All runs pack rows (data.packing: about 2 samples per row of 128 tokens, 2 image slots), so
+this is also the check that packing is the same over 2 processes as over 1.
 """
 import json
 import os
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 
 from llava_jax import model_dir
-from llava_jax.data.pipeline import epoch_order
+from llava_jax.data.pipeline import make_pipeline
 from llava_jax.train import cli, config_checks, trainer
 
 import multihost_worker
@@ -48,7 +49,8 @@ def overrides(dataset) -> dict:
           'model.dtype': 'float32', 'model.remat_policy': 'none', 'init.allow_random_frozen': True,
           'data.global_batch_size': BATCH, 'train.steps': STEPS, 'checkpoint.every_steps': 2, 'checkpoint.keep': 2,
           'log.every_steps': 1, 'optim.lr': 1e-3, 'optim.warmup_ratio': 0.0, 'optim.schedule': 'constant',
-          'log.tensorboard': False, 'log.peak_tflops': 1.0}
+          'log.tensorboard': False, 'log.peak_tflops': 1.0, 'data.packing': True, 'data.max_length': 128,
+          'data.max_images_per_row': 2}
 
 
 def trainer_args(dataset, workdir) -> list[str]:
@@ -197,19 +199,26 @@ def test_two_processes_match_one_process(two_processes, reference):
     np.testing.assert_allclose(x, y, atol=TOL, rtol=0)
 
 
-def test_each_process_reads_a_disjoint_shard_covering_the_epoch_once(two_processes):
+def test_each_process_reads_a_disjoint_shard_covering_the_epoch_once(two_processes, dataset, tmp_path):
   r = two_processes
   last = max(r['after_a'])
   by_step = [r['rec_a'][p][:last] + r['rec_b'][p] for p in range(2)]  # the batches that made the final model
   assert [len(s) for s in by_step] == [STEPS, STEPS]
-  steps_per_epoch = RECORDS // BATCH
-  order = epoch_order(0, num_records=RECORDS, global_batch_size=BATCH, process_count=2, seed=0, shuffle=True)
+  # The packed global batches as one process reading all rows (record ids per row).
+  config = load_config(dataset, tmp_path)
+  d, mc = config.data, config_checks.model_config(config)
+  whole = make_pipeline(d.train_dir, split='train', tokenizer=trainer.load_tokenizer(d.tokenizer, mc), template=d.template,
+                        num_image_tokens=mc.num_image_tokens, image_size=mc.vision.image_size, image_aspect=d.image_aspect,
+                        max_length=d.max_length, global_batch_size=BATCH, seed=0, num_epochs=1, packing=True,
+                        max_images_per_row=d.max_images_per_row, process_index=0, process_count=1, with_index=True)
+  steps_per_epoch = whole.num_steps
+  assert 1 < steps_per_epoch < STEPS  # about 2 samples per row: epochs of 3 steps
   for p in range(2):
-    for step in range(steps_per_epoch):
-      assert all(len(rows) == PER_PROCESS for rows in by_step[p])
-      start = step * BATCH + p * PER_PROCESS
-      assert by_step[p][step] == order[start:start + PER_PROCESS].tolist()  # rows p*4..p*4+3 of the global batch
-  epoch = [i for p in range(2) for rows in by_step[p][:steps_per_epoch] for i in rows]
+    for step, batch in enumerate(whole):
+      assert len(by_step[p][step]) == PER_PROCESS
+      assert by_step[p][step] == batch['index'][p * PER_PROCESS:(p + 1) * PER_PROCESS].tolist()  # rows p*4..p*4+3
+  assert whole.stats()['samples_per_row'] > 1.5
+  epoch = [i for p in range(2) for rows in by_step[p][:steps_per_epoch] for row in rows for i in row if i >= 0]
   assert sorted(epoch) == list(range(RECORDS))  # disjoint, and together exactly the epoch
 
 

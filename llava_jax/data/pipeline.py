@@ -13,7 +13,8 @@ and the iterator state restores mid-epoch to the same following batches.
 A sample whose image tokens would be cut by `max_length`, or left without supervised tokens, is
 replaced by an empty row and counted (`stats()`), as are truncated samples and padding waste.
 
-Packing (`packing=True`): a row of `max_length` holds several samples back to back, with
+Packing (`packing=True`): a row of `row_length` tokens (default `max_length`, which still cuts each
+sample) holds several samples back to back, with
 `segment_ids` (1..n, 0 = padding) and `positions` restarting at 0 per sample, and up to
 `max_images_per_row` images in slots (image j of a row fills its j-th run of image tokens). Then
 `global_batch_size` counts ROWS per update: samples per update = rows x samples per row (`stats()`).
@@ -419,12 +420,12 @@ class _LoadRow(_LoadExample):
   padding), `positions` restarting at 0 per sample, the first label of each sample ignored (no
   prediction across samples), image j of the row in slot j (= the j-th run of image tokens)."""
 
-  def __init__(self, *args, max_images: int, max_segments: int):
+  def __init__(self, *args, row_length: int, max_images: int, max_segments: int):
     super().__init__(*args)
-    self.max_images, self.max_segments = max_images, max_segments
+    self.row_length, self.max_images, self.max_segments = row_length, max_images, max_segments
 
   def map(self, ids: np.ndarray) -> dict:
-    S, K = self.max_length, self.max_images
+    S, K = self.row_length, self.max_images
     input_ids = np.full(S, self.pad_id, np.int32)
     labels = np.full(S, IGNORE_INDEX, np.int32)
     segment_ids, positions = np.zeros(S, np.int32), np.zeros(S, np.int32)
@@ -552,7 +553,8 @@ class LlavaIterator(grain.DatasetIterator):
 def make_pipeline(data_dir: str, *, split: str, tokenizer, template: str, num_image_tokens: int,
                   image_size: int, image_aspect: str, max_length: int, global_batch_size: int, seed: int,
                   num_epochs: Optional[int], shuffle: bool = True, group_by_length: bool = False,
-                  packing: bool = False, max_images_per_row: int = 1, worker_count: int = 0,
+                  packing: bool = False, row_length: Optional[int] = None, max_images_per_row: int = 1,
+                  worker_count: int = 0,
                   process_index: Optional[int] = None, process_count: Optional[int] = None,
                   name: Optional[str] = None, drop_remainder: bool = False, with_index: bool = False,
                   read_threads: int = 2, prefetch_batches: int = 2,
@@ -561,7 +563,8 @@ def make_pipeline(data_dir: str, *, split: str, tokenizer, template: str, num_im
 
   `tokenizer` must already have the `<image>` token (add_image_token). `group_by_length` needs the
   build's modality_lengths.json and always shuffles (megabatches are drawn at random). `read_threads`/`prefetch_batches` are per process (main or worker).
-  `packing`: rows of `max_length` hold several samples and up to `max_images_per_row` images;
+  `packing`: rows of `row_length` tokens (None: `max_length`, the cut of each sample) hold several
+  samples and up to `max_images_per_row` images;
   `global_batch_size` then counts rows, not samples (see the module docstring).
   """
   get_template(template)
@@ -578,9 +581,11 @@ def make_pipeline(data_dir: str, *, split: str, tokenizer, template: str, num_im
     raise ValueError(f'process_index {process_index} outside [0, {process_count})')
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f'num_epochs must be >= 1 or None, got {num_epochs}')
-  if packing and (max_images_per_row < 1 or packing_bins < 1 or drop_remainder):
+  row_length = max_length if row_length is None else row_length
+  if packing and (max_images_per_row < 1 or packing_bins < 1 or drop_remainder or row_length < max_length):
     raise ValueError(f'packing needs max_images_per_row >= 1 (got {max_images_per_row}), packing_bins >= 1 (got '
-                     f'{packing_bins}) and no drop_remainder')
+                     f'{packing_bins}), row_length >= max_length (got {row_length} < {max_length}) and no '
+                     'drop_remainder')
   source = open_source(data_dir, split, name)
   num_records = len(source)
   lengths = load_modality_lengths(data_dir, split, name) if group_by_length else None
@@ -596,9 +601,10 @@ def make_pipeline(data_dir: str, *, split: str, tokenizer, template: str, num_im
       raise ValueError(f'{len(too_many)} samples have more images than data.max_images_per_row='
                        f'{max_images_per_row} (e.g. {_record_id(source[int(too_many[0])], int(too_many[0]))} with '
                        f'{images[too_many[0]]}); raise it')
-    to_item = _PositionToRow(*plan_args, tokens, images, max_length, max_images_per_row, packing_bins)
-    shortest = int(tokens[tokens > 0].min()) if (tokens > 0).any() else max_length
-    load = _LoadRow(*load_args, max_images=max_images_per_row, max_segments=max(1, max_length // shortest))
+    to_item = _PositionToRow(*plan_args, tokens, images, row_length, max_images_per_row, packing_bins)
+    shortest = int(tokens[tokens > 0].min()) if (tokens > 0).any() else row_length
+    load = _LoadRow(*load_args, row_length=row_length, max_images=max_images_per_row,
+                    max_segments=max(1, row_length // shortest))
     steps = to_item.steps(0)
     epoch_steps = [to_item.steps(e) for e in range(num_epochs)] if num_epochs else None
     samples_per_epoch = int((tokens > 0).sum())

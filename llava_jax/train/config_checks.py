@@ -72,6 +72,8 @@ STAGE_CHECKS: dict[str, Check] = {
     'data.image_aspect': choice(ASPECTS),
     'data.global_batch_size': positive,
     'data.num_epochs': positive,
+    'data.max_images_per_row': positive,
+    'data.row_length': positive,
     'data.worker_count': non_negative,
     'train.steps': lambda v: None if v > 0 or v == -1 else 'must be > 0, or -1 (= num_epochs)',
     'train.trainable': _rules,
@@ -138,6 +140,12 @@ def path_errors(config, paths: dict[str, str], prefix: str = '', produced_under:
   return errors
 
 
+def seq_len(config) -> int:
+  """Tokens per training row: data.row_length when packing (default data.max_length), else data.max_length."""
+  d = config.data
+  return d.row_length if d.packing and d.row_length is not None else d.max_length
+
+
 def model_config(config) -> LlavaConfig:
   """The config's `model` section as the models' dataclass."""
   return LlavaConfig.from_dict(config.model.to_dict())
@@ -159,6 +167,15 @@ def stage_errors(config, *, num_devices: int, process_count: int = 1, prefix: st
   if ok('data.max_length') and config.data.max_length <= mc.num_image_tokens:
     errors.append(f'{prefix}data.max_length={config.data.max_length} leaves no room next to the '
                   f'{mc.num_image_tokens} image tokens')
+  row = seq_len(config)
+  if config.data.packing and ok('data.max_length', 'data.row_length') and row < config.data.max_length:
+    errors.append(f'{prefix}data.row_length={row} is shorter than data.max_length={config.data.max_length}: '
+                  'a sample of max_length tokens would not fit a row')
+  elif config.data.packing and ok('data.max_length', 'data.max_images_per_row', 'data.row_length') and (
+      config.data.max_images_per_row * mc.num_image_tokens > row):
+    errors.append(f'{prefix}data.max_images_per_row={config.data.max_images_per_row}: that many images of '
+                  f'{mc.num_image_tokens} tokens do not fit a row of {row} tokens (slots that are never filled '
+                  'still cost vision-tower compute)')
   if ok('train.trainable', 'optim.projector_lr'):
     if config.optim.projector_lr is not None and not any(
         re.fullmatch(r, 'projector/linear_1/kernel') and t for r, t in config.train.trainable):

@@ -115,12 +115,14 @@ def dry_run(config, *, devices=None, name: str = '', log: Callable[[str], None] 
   target = (hw.get('name') if hw is not None else None) or f'{len(devices)} device{plural}'
   log(f'dry run {name}: {target}, compiled for {len(devices)} {devices[0].platform} device{plural}')
   log(f'mesh {dict(mesh.shape)}; global batch {d.global_batch_size} = {shards} x {micro} rows x {accum} '
-      f'micro-batch(es), seq {d.max_length}; remat {mc.remat_policy}; compute {mc.dtype}')
+      f'micro-batch(es), seq {config_checks.seq_len(config)}; remat {mc.remat_policy}; compute {mc.dtype}')
 
   t0 = time.perf_counter()
   total_steps = max(config.train.steps, 1)  # only the schedule's constants depend on it
   setup = setup_lib.create(mc, config.train.trainable, config.optim, total_steps, mesh,
-                           global_batch=d.global_batch_size, seq_len=d.max_length, grad_accum_steps=accum)
+                           global_batch=d.global_batch_size, seq_len=config_checks.seq_len(config),
+                           grad_accum_steps=accum,
+                           packed=d.packing, image_slots=d.max_images_per_row if d.packing else None)
   compile_s = time.perf_counter() - t0
   state = setup.abstract_state
   log(partition.param_table(state.params, setup.abstract_frozen, partition.tree_bytes(state.opt_state)))
@@ -131,7 +133,7 @@ def dry_run(config, *, devices=None, name: str = '', log: Callable[[str], None] 
       'optimizer_state': per_device_bytes(state.opt_state),
       'gradients': per_device_bytes(state.params),  # fp32, sharded like the params; live during the update
       'batch': per_device_bytes(setup.abstract_batch),
-      'activations': activation_bytes(mc, micro, d.max_length, mesh.shape['tensor']),
+      'activations': activation_bytes(mc, micro, config_checks.seq_len(config), mesh.shape['tensor']),
   }
   figures['total_estimate'] = sum(figures.values())
   m = setup.step.memory_analysis()
@@ -165,7 +167,7 @@ def dry_run(config, *, devices=None, name: str = '', log: Callable[[str], None] 
           "('full' saves least), more devices or a tensor axis in mesh.shape")
   else:
     log(f'needs {need / GiB:.1f} GiB per device; set hardware.hbm_gib for a fits / does-not-fit verdict')
-  step_flops = flops.step_flops(mc, setup.mask, abstract_params(mc), d.global_batch_size, d.max_length,
+  step_flops = flops.step_flops(mc, setup.mask, abstract_params(mc), d.global_batch_size, config_checks.seq_len(config),
                                 d.global_batch_size)
   result['step_tflop'] = step_flops / 1e12
   if config.log.peak_tflops:

@@ -104,14 +104,16 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
                        num_image_tokens=model_config.num_image_tokens, image_size=model_config.vision.image_size,
                        image_aspect=d.image_aspect, max_length=d.max_length, global_batch_size=d.global_batch_size,
                        seed=config.seed, num_epochs=None if fixed_steps else d.num_epochs, shuffle=d.shuffle,
-                       group_by_length=d.group_by_length, worker_count=d.worker_count,
+                       group_by_length=d.group_by_length, packing=d.packing, row_length=d.row_length,
+                       max_images_per_row=d.max_images_per_row, worker_count=d.worker_count,
                        process_index=shard, process_count=num_shards)
   total_steps = config.train.steps if fixed_steps else data.num_steps
   if jax.process_count() > 1:
     distributed.log(f'reads rows {shard * data.batch_size}..{(shard + 1) * data.batch_size - 1} of every global '
                     f'batch of {d.global_batch_size} (data shard {shard} of {num_shards})')
   log(f'data: {data.num_records} records in {d.train_dir}:{d.split}, {data.steps_per_epoch} steps/epoch, '
-      f'{total_steps} steps')
+      f'{total_steps} steps' + (f'; packed: {data.samples_per_epoch} samples in rows of {config_checks.seq_len(config)} tokens, '
+                                f'{d.global_batch_size} rows per step' if d.packing else ''))
 
   # --- restore point -----------------------------------------------------------------------------------------
   ckpts = resume.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
@@ -128,11 +130,11 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
 
   # --- model, optimizer and the compiled step -----------------------------------------------------------
   t0 = time.perf_counter()
-  packing = bool(d.get('packing', False))  # packed rows: segment_ids, positions and image slots (data/pipeline.py)
+  packing = d.packing  # packed rows: segment_ids, positions and image slots (data/pipeline.py)
   setup = setup_lib.create(model_config, config.train.trainable, config.optim, total_steps, mesh,
-                           global_batch=d.global_batch_size, seq_len=d.max_length,
+                           global_batch=d.global_batch_size, seq_len=config_checks.seq_len(config),
                            grad_accum_steps=config.train.grad_accum_steps, compile=not finished,
-                           packed=packing, image_slots=d.get('max_images_per_row', 1) if packing else None)
+                           packed=packing, image_slots=d.max_images_per_row if packing else None)
   if not finished:
     log(f'compiled train step in {time.perf_counter() - t0:.1f}s; {setup.memory}')
 
@@ -216,8 +218,9 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   if status == 'completed':
     stats = data.stats() if hasattr(data, 'stats') else {}
     if stats:
-      log(f'data: {stats.get("rows", 0)} rows read this run, {stats.get("truncated", 0)} truncated, '
-          f'{stats.get("dropped", 0)} dropped (did not fit max_length), pad fraction '
-          f'{stats.get("pad_fraction", 0.0):.2f}')
+      log(f'data: {stats.get("rows", 0)} rows read this run ({stats.get("samples_per_row", 0.0):.2f} samples per '
+          f'row), {stats.get("truncated", 0)} truncated, {stats.get("dropped", 0)} dropped (did not fit max_length), '
+          f'pad fraction {stats.get("pad_fraction", 0.0):.2f}, unused image slots '
+          f'{stats.get("image_pad_fraction", 0.0):.2f}')
     exported = _export(config, model_config, setup, state, frozen, tokenizer, workdir, log)
   return {'status': status, 'step': step, 'total_steps': total_steps, 'losses': losses, 'model_dir': exported}
