@@ -155,7 +155,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   step = int(state.step)
   units = flops.unit_flops(model_config, setup.mask, abstract_params(model_config))
   step_flops = flops.step_flops(model_config, setup.mask, abstract_params(model_config),
-                                d.global_batch_size, d.max_length, d.global_batch_size)
+                                d.global_batch_size, config_checks.seq_len(config), d.global_batch_size)
   if config.log.peak_tflops:
     peak, peak_src = config.log.peak_tflops * 1e12, 'config log.peak_tflops'
   else:
@@ -166,7 +166,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   progress = metrics.Progress(os.path.basename(workdir), total_steps, start=step, every=config.log.every_steps)
   losses, skipped_in_row, status = [], 0, 'completed'
   last_saved = latest
-  throughput = metrics.Throughput(units, d.global_batch_size * d.max_length, peak * jax.device_count())
+  throughput = metrics.Throughput(units, d.global_batch_size * config_checks.seq_len(config), peak * jax.device_count())
   try:
     with resume.PreemptionFlag() as preempt:
       while step < total_steps:
