@@ -330,3 +330,20 @@ def test_cudnn_kernel_gets_causal_and_a_full_mask(monkeypatch, packed):
   mask = layers.segment_mask(seg) if packed else (seg > 0)[:, None, None, :]
   ref = layers.attention(q, k, v, mask, is_causal=True, kernel='xla')
   assert rel_err(out, ref) <= 1e-6
+
+
+def test_splash_kernel_runs_per_shard_under_a_mesh():
+  """Under a (data 2, fsdp 2, tensor 2) mesh the Pallas call runs in a shard_map (batch over data x fsdp, heads
+  over tensor) and gives the single-device numbers."""
+  from llava_jax import sharding
+  t = layers.SPLASH_BLOCK
+  q, k, v = qkv(t, b=4)
+  seg = jnp.asarray(np.repeat(np.arange(1, 5), t // 4)[None].repeat(4, 0), jnp.int32)
+  fn = lambda q, k, v: layers.splash_attention(q, k, v, is_causal=True, segment_ids=seg, interpret=True)
+  mesh = sharding.make_mesh((2, 2, 2), jax.devices()[:8])
+  with sharding.activation_rules(mesh):
+    sharded = jax.jit(fn)
+    assert 'shard_map' in str(sharded.trace(q, k, v).jaxpr)
+    out = sharded(q, k, v)
+  ref = layers.attention(q, k, v, is_causal=True, segment_ids=seg, kernel='xla')
+  assert rel_err(out, ref) <= 1e-5

@@ -242,19 +242,39 @@ def splash_attention(q: Array, k: Array, v: Array, *, is_causal: bool, segment_i
   """Pallas splash attention (TPU; `interpret=True` runs the same kernel on any backend, slowly).
 
   Shapes as in `attention`; seq a multiple of SPLASH_BLOCK. The kernel takes one sequence with heads first
-  ([heads, seq, head_dim], grouped-query natively) and does not scale q; it is vmapped over the batch. It runs
-  per device: under a multi-device mesh it needs a shard_map over the batch (not done here).
+  ([heads, seq, head_dim], grouped-query natively) and does not scale q; it is vmapped over the batch. A Pallas
+  call is not partitioned by XLA, so under a mesh (jax.set_mesh) it runs per shard in a shard_map: batch over the
+  mesh axes of 'activation_batch', heads over those of 'activation_heads' (the logical rules in force), each only
+  where it divides.
   """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU-only kernel: imported on use
   b, t, n, hd = q.shape
-  one = splash.CausalMask((t, t)) if is_causal else splash.FullMask((t, t))
-  kernel = splash.make_splash_mha(splash.MultiHeadMask([one] * n), head_shards=1, q_seq_shards=1,
-                                  block_sizes=splash.BlockSizes(*(SPLASH_BLOCK,) * 8), interpret=interpret)
-  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
   seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  o = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))(
-      heads_first(q * hd ** -0.5), heads_first(k), heads_first(v), seg)
-  return heads_first(o).astype(q.dtype)
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes = heads_axes = None
+  if not mesh.empty and mesh.size > 1:
+    size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+    fits = lambda axes, *dims: axes if axes and all(d % size(axes) == 0 for d in dims) else None
+    spec = nn.logical_to_mesh_axes(('activation_batch', 'activation_heads'))
+    as_tuple = lambda x: () if x is None else (x,) if isinstance(x, str) else tuple(x)
+    batch_axes = fits(as_tuple(spec[0]), b)
+    heads_axes = fits(as_tuple(spec[1]), n, k.shape[2])
+
+  def per_shard(q, k, v, seg):
+    one = splash.CausalMask((t, t)) if is_causal else splash.FullMask((t, t))
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([one] * q.shape[2]), head_shards=1, q_seq_shards=1,
+                                    block_sizes=splash.BlockSizes(*(SPLASH_BLOCK,) * 8), interpret=interpret)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+    o = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))(
+        heads_first(q * hd ** -0.5), heads_first(k), heads_first(v), seg)
+    return heads_first(o).astype(q.dtype)
+
+  if batch_axes is None and heads_axes is None:
+    return per_shard(q, k, v, seg)
+  P = jax.sharding.PartitionSpec
+  qkv = P(batch_axes, None, heads_axes, None)
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch_axes, None)), out_specs=qkv,
+                       check_vma=False)(q, k, v, seg)
 
 
 def _grouped_mask(mask: Array, kv: int, groups: int) -> Array:
