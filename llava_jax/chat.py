@@ -1,11 +1,12 @@
 """Chat with a LLaVA model in the terminal, streaming tokens as they are generated.
 
   python -m llava_jax.chat --checkpoint out/llava_tiny --image photo.jpg
+  python -m llava_jax.chat --checkpoint out/llava_tiny --image a.jpg --image b.jpg    # several images
 
 `--checkpoint` is an exported llava_jax model dir (model_config.json + params/ + tokenizer/) or an HF LLaVA
-dir. The conversation keeps its history in the model's template; the image goes in front of the first user
-turn. Commands: `/image PATH` (new image, new conversation), `/reset` (clear the history, keep the image),
-`/quit` (or end of input).
+dir. The conversation keeps its history in the model's template; the images go in front of the first user
+turn (`<image>` per image, in order). Commands: `/image PATH [PATH ...]` (new images, new conversation),
+`/reset` (clear the history, keep the images), `/quit` (or end of input).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 
 from llava_jax.data import conversation
 
-HELP = 'commands: /image PATH, /reset, /quit'
+HELP = 'commands: /image PATH [PATH ...], /reset, /quit'
 
 
 class ChatSession:
@@ -25,15 +26,17 @@ class ChatSession:
   def __init__(self, im, *, max_new_tokens: int, sampling, seed: int = 0, show_prompt: bool = False):
     self.im, self.max_new_tokens, self.sampling, self.seed = im, max_new_tokens, sampling, seed
     self.show_prompt = show_prompt
-    self.pixels = None
-    self.image_path = None
+    self.pixels = None   # [H, W, 3] for one image, [images, H, W, 3] for several
+    self.image_paths: list[str] = []
     self.turns: list[dict] = []
 
-  def set_image(self, path: str) -> None:
-    """Loads the image (raises FileNotFoundError / OSError naming the path) and starts a new conversation."""
+  def set_image(self, *paths: str) -> None:
+    """Loads the images (raises FileNotFoundError / OSError naming the path) and starts a new conversation."""
+    import numpy as np
     from llava_jax.inference import load_pixels
-    self.pixels = load_pixels(self.im, path)
-    self.image_path = path
+    pixels = [load_pixels(self.im, p) for p in paths]
+    self.pixels = None if not pixels else pixels[0] if len(pixels) == 1 else np.stack(pixels)
+    self.image_paths = list(paths)
     self.turns = []
 
   def reset(self) -> None:
@@ -42,8 +45,8 @@ class ChatSession:
   def ask(self, text: str, write) -> str:
     """Adds a user turn, streams the answer through write(str), records it in the history; returns it."""
     from llava_jax.inference import generate_batch, prompt_ids
-    if not self.turns and self.pixels is not None:
-      text = conversation.IMAGE_TOKEN + '\n' + text
+    if not self.turns and self.image_paths:
+      text = (conversation.IMAGE_TOKEN + '\n') * len(self.image_paths) + text
     messages = self.turns + [{'from': 'human', 'value': text}]
     ids = prompt_ids(self.im, messages)
     if self.show_prompt:
@@ -62,7 +65,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m llava_jax.chat', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--checkpoint', required=True, help='exported llava_jax model dir or HF LLaVA dir')
-  parser.add_argument('--image', help='image to talk about (optional; /image PATH changes it)')
+  parser.add_argument('--image', action='append', default=[],
+                      help='image to talk about (optional; repeat for several; /image PATH changes them)')
   parser.add_argument('--tokenizer', help='tokenizer dir, when the checkpoint has none')
   parser.add_argument('--template', help="conversation template (default: the checkpoint's, else vicuna_v1); "
                                          f'one of {sorted(conversation.TEMPLATES)}')
@@ -77,9 +81,10 @@ def main(argv=None) -> int:
   parser.add_argument('--show-prompt', action='store_true', help='print each rendered prompt to stderr')
   args = parser.parse_args(argv)
 
-  if args.image is not None and not os.path.isfile(args.image):  # before the slow imports and model load
-    print(f'error: image not found: {args.image}', file=sys.stderr)
-    return 2
+  for path in args.image:  # before the slow imports and model load
+    if not os.path.isfile(path):
+      print(f'error: image not found: {path}', file=sys.stderr)
+      return 2
   from llava_jax.inference import load_inference_model
   from llava_jax.generate import SamplingParams
   try:
@@ -89,12 +94,12 @@ def main(argv=None) -> int:
                               image_aspect=args.image_aspect, dtype=args.dtype)
     session = ChatSession(im, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                           show_prompt=args.show_prompt)
-    if args.image is not None:
-      session.set_image(args.image)
+    if args.image:
+      session.set_image(*args.image)
   except (OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'template {im.template}, image {args.image or "none"}. {HELP}', file=sys.stderr, flush=True)
+  print(f'template {im.template}, image {", ".join(args.image) or "none"}. {HELP}', file=sys.stderr, flush=True)
 
   def write(text):
     sys.stdout.write(text)
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
         print('[conversation reset]', flush=True)
       elif command == '/image':
         try:
-          session.set_image(arg.strip())
+          session.set_image(*arg.split())
           print(f'[image {arg.strip()} loaded; new conversation]', flush=True)
         except (OSError, ValueError) as e:
           print(f'[error: {e}; keeping the previous image]', flush=True)

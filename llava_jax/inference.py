@@ -79,10 +79,12 @@ def load_pixels(im: InferenceModel, path: str) -> np.ndarray:
 
 def generate_batch(im: InferenceModel, prompts, pixels, *, max_new_tokens: int, sampling: SamplingParams,
                    seed: int = 0, batch_size: Optional[int] = None, stream=None, pad_multiple: int = 64):
-  """Token-id prompts (+ per-prompt pixels or None) -> GenerateOutput for the real prompts.
+  """Token-id prompts (+ per-prompt pixels: [H, W, 3], [images, H, W, 3] for a prompt with several `<image>`s,
+  or None) -> GenerateOutput for the real prompts.
 
   Prompts are left-padded to a multiple of `pad_multiple` and the batch is filled up to `batch_size` with copies
-  of the first prompt, so a run compiles only a few shapes.
+  of the first prompt, so a run compiles only a few shapes. With several images the batch takes image slots
+  [batch, most images, H, W, 3] (image j of a prompt fills its j-th run of image tokens).
   """
   n = len(prompts)
   batch_size = max(batch_size or n, n)
@@ -92,7 +94,12 @@ def generate_batch(im: InferenceModel, prompts, pixels, *, max_new_tokens: int, 
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
   ids, mask = pad_batch(prompts, pad_id, pad_multiple)
   size = im.config.vision.image_size
-  pixel_values = np.stack([p if p is not None else image_lib.blank_image(size) for p in pixels])
+  images = [[] if p is None else list(p) if np.ndim(p) == 4 else [p] for p in pixels]
+  slots = max(len(x) for x in images)
+  if slots <= 1 and all(p is None or np.ndim(p) == 3 for p in pixels):
+    pixel_values = np.stack([x[0] if x else image_lib.blank_image(size) for x in images])
+  else:
+    pixel_values = np.stack([np.stack(x + [image_lib.blank_image(size)] * (slots - len(x))) for x in images])
   out = im.sampler(ids, mask, pixel_values, max_new_tokens=max_new_tokens, sampling=sampling,
                    eos_token_id=tok.eos_token_id, pad_token_id=pad_id, stop_strings=stop_strings_for(im.template),
                    tokenizer=tok, seed=seed, stream=stream)

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from llava_jax import chat, inference, model_dir
@@ -60,6 +61,26 @@ def test_chat_session_over_stdin(env):
   assert '[image 1.png loaded; new conversation]' in proc.stdout
   assert '[conversation reset]' in proc.stdout
   assert '[unknown command /bogus' in proc.stdout
+
+
+def test_two_images_in_one_conversation(env):
+  """`--image A --image B`: one `<image>` per image in the first turn and image j in slot j: the answer is the
+  uncached reference's on both images in that order (and not the one with the images swapped)."""
+  from llava_jax.generate import generate_uncached
+  im = inference.load_inference_model(str(env / 'model'))
+  session = chat.ChatSession(im, max_new_tokens=MAX_NEW, sampling=SamplingParams())
+  session.set_image(str(env / '0.png'), str(env / '1.png'))
+  answer = session.ask('what is in the image ?', lambda text: None)
+  assert session.turns[0]['value'] == '<image>\n<image>\nwhat is in the image ?'
+  ids = inference.prompt_ids(im, session.turns[:1])
+  assert (ids == im.config.image_token_id).sum() == 2 * im.config.num_image_tokens
+  pix = np.stack([inference.load_pixels(im, str(env / f'{i}.png')) for i in range(2)])
+  out = inference.generate_batch(im, [ids], [pix], max_new_tokens=MAX_NEW, sampling=SamplingParams())
+  assert answer == out.texts[0].strip()
+  n = int(out.lengths[0])
+  refs = [generate_uncached(im.sampler.model, im.sampler.params, ids[None], pixel_values=p[None],
+                            max_new_tokens=MAX_NEW)[0] for p in (pix, pix[::-1])]
+  assert n and out.tokens[0][:n].tolist() == refs[0][:n].tolist() and refs[0].tolist() != refs[1].tolist()
 
 
 def test_missing_image_at_start(env, capsys):
