@@ -159,7 +159,8 @@ def test_changing_one_sample_leaves_the_others_unchanged(llava, forward, samples
 
 
 def test_packed_step_equals_unpacked_step(llava, samples):
-  """One train step (SGD, lr 1, projector + LLM trained): equal loss, supervised count and gradients."""
+  """One train step (SGD, lr 1, projector + LLM trained): equal loss, supervised count and gradients; the same
+  with gradient accumulation over the packed rows."""
   _, model, params = llava
   rules = (('projector/.*', True), ('language_model/.*', True), ('.*', False))
   mask = partition.trainable_paths(params, rules)
@@ -172,12 +173,19 @@ def test_packed_step_equals_unpacked_step(llava, samples):
   for name, batch in (('unpacked', unpacked_batch(samples)), ('packed', packed_batch(samples))):
     new, m = step(state, frozen, batch)
     out[name] = m, jax.tree.map(lambda a, b: np.asarray(b - a), trainable, new.params)
-  (m_u, g_u), (m_p, g_p) = out['unpacked'], out['packed']
+  # Accumulation over the two packed rows (one per micro-batch) divides once by the global supervised count.
+  new, m = jax.jit(make_train_step(model, tx, lambda s: 1.0, grad_accum_steps=2))(state, frozen,
+                                                                                   packed_batch(samples))
+  out['accumulated'] = m, jax.tree.map(lambda a, b: np.asarray(b - a), trainable, new.params)
+  (m_u, g_u), (m_p, g_p), (m_a, g_a) = out['unpacked'], out['packed'], out['accumulated']
   expected = sum(int((s[1][1:] != -100).sum()) for s in samples)
   assert float(m_u['tokens']) == float(m_p['tokens']) == expected
   assert abs(float(m_p['loss']) - float(m_u['loss'])) <= 1e-5 * abs(float(m_u['loss']))
   flat_u, flat_p = partition.flatten(g_u), partition.flatten(g_p)
   worst = max(rel_err(flat_p[k], flat_u[k]) for k in flat_u)
+  flat_a = partition.flatten(g_a)
+  assert abs(float(m_a['loss']) - float(m_p['loss'])) <= 1e-5 * abs(float(m_p['loss']))
+  assert max(rel_err(flat_a[k], flat_p[k]) for k in flat_p) <= 1e-5
   print(f'packed vs unpacked: loss {float(m_p["loss"]):.6f} vs {float(m_u["loss"]):.6f}, worst gradient rel err '
         f'{worst:.2e}')
   assert worst <= 1e-5
@@ -219,6 +227,25 @@ def test_two_images_in_one_sample_match_hf(llava, forward, samples):
            'image_valid': np.ones((1, 2), bool)}
   packed = np.asarray(forward(params, batch))[0, len(lead):]
   assert rel_err(packed, ref) <= 1e-4
+
+
+def test_two_image_prompt_generates_like_hf(llava):
+  """Sampler with pixel_values [1, 2, H, W, 3] (KV cache, greedy) gives transformers' greedy tokens."""
+  from llava_jax.generate import Sampler
+  hf, model, params = llava
+  n = model.config.num_image_tokens
+  rng = np.random.default_rng(8)
+  ids = np.concatenate([[1], np.full(n, IMAGE), rng.integers(2, IMAGE, 3), np.full(n, IMAGE),
+                        rng.integers(2, IMAGE, 2)]).astype(np.int32)[None]
+  images = rng.normal(size=(1, 2, 32, 32, 3)).astype(np.float32)
+  new = 6
+  with torch.no_grad():
+    ref = hf.generate(input_ids=torch.from_numpy(ids).long(),
+                      pixel_values=torch.from_numpy(images[0].transpose(0, 3, 1, 2)), max_new_tokens=new,
+                      do_sample=False, min_new_tokens=new).numpy()[0, ids.shape[1]:]
+  sampler = Sampler(model, params)
+  out = sampler(ids, None, images, max_new_tokens=new).tokens[0]
+  np.testing.assert_array_equal(out, ref)
 
 
 def test_image_tokens_must_fit_the_valid_slots(llava):
