@@ -18,7 +18,8 @@ What it does (everything under the work directory, default workdir/demo):
   6. scores the held-out QA with the stage-2 model, greedy, and again with every image replaced by a blank
      one: results.json holds accuracy, blind_accuracy and the chance level of the questions.
 Model: ViT 4 x 128 on 64 px with 32 px patches (one per cell of the images' 2 x 2 layout: 4 image tokens),
-LLaMA 2 x 128 with 16 heads, vocabulary 768, fp32. `:scale=0.1` shortens every stage tenfold (a quick smoke run).
+LLaMA 2 x 128 with 16 heads, vocabulary 768, fp32. `:scale=0.1` shortens every stage tenfold (a quick smoke run);
+`:seed=1` sets every seed (the drawn dataset, the warm-up, each stage's init and data order).
 Paths under the work directory are references to `workdir` (ml_collections FieldReferences): `--workdir` moves them
 all; `--config.stages.stage2.init.projector_from=DIR` replaces one.
 """
@@ -67,16 +68,17 @@ def stage(workdir, dataset, template, max_length, batch, steps, lr, trainable, *
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, scale=1.0)  # scale: multiplies every stage's step count (e.g. :scale=0.1)
+  # scale: multiplies every stage's step count (e.g. :scale=0.1); seed: every seed (data, warm-up, stages)
+  a = common.parse_arg(arg, scale=1.0, seed=0)
   steps = lambda n: max(1, int(n * a['scale']))
   c = ml_collections.ConfigDict()
   c.workdir = 'workdir/demo'
   w = c.get_ref('workdir')
-  c.demo = ml_collections.ConfigDict(dict(num_train_images=3000, num_qa=192, image_size=64, max_objects=3, seed=0,
-                                          vocab_size=1024, conversations_per_image=2, num_vqa_train=6000,
-                                          stage2_kinds=('conversation',)))
+  c.demo = ml_collections.ConfigDict(dict(num_train_images=3000, num_qa=192, image_size=64, max_objects=3,
+                                          seed=a['seed'], vocab_size=1024, conversations_per_image=2,
+                                          num_vqa_train=6000, stage2_kinds=('conversation',)))
   # Supervised vision warm-up (stands in for CLIP's pretraining): tower + linear heads on per-patch labels.
-  c.vision_warmup = ml_collections.ConfigDict(dict(steps=steps(300), lr=3e-3, batch_size=64, seed=0))
+  c.vision_warmup = ml_collections.ConfigDict(dict(steps=steps(300), lr=3e-3, batch_size=64, seed=a['seed']))
   vision = '/vision_warmup/model'
   c.stages = ml_collections.ConfigDict()
   c.stages.warmup = stage(w, 'demo_stage1', 'plain', 32, 64, steps(400), 3e-3, common.STAGE2_TRAINABLE,
@@ -87,6 +89,8 @@ def get_config(arg=None):
   # the data pipeline counts the truncated records and the log reports them).
   c.stages.stage2 = stage(w, 'demo_stage2', 'vicuna_v1', 64, 32, steps(2000), 2e-3, common.STAGE2_TRAINABLE,
                           vision_from=vision, llm_from='/warmup/model', projector_from='/stage1/model')
+  for name in c.stages:
+    c.stages[name].seed = a['seed']
   c.stage_order = ('warmup', 'stage1', 'stage2')
   c.eval = ml_collections.ConfigDict(dict(stage='stage2', qa_file=w + '/data/qa.json',
                                           image_dir=w + '/data/images', batch_size=64, max_new_tokens=4))

@@ -268,6 +268,8 @@ def build_dataset(json_files: Mapping[str, str], image_dir: str, out_dir: str, *
   builder = cls(json_files=json_files, image_dir=image_dir, num_threads=num_threads,
                 progress_every=progress_every, data_dir=out_dir, file_format='array_record')
   download_dir = tempfile.mkdtemp(prefix='llava_build_')  # tfds wants one; we download nothing
+  # tfds' bars say "Shuffling <dir>/incomplete.*" of a dataset kept in JSON order; the `[build split]` lines count.
+  tfds.disable_progress_bar()
   try:
     builder.download_and_prepare(download_dir=download_dir)
   finally:
