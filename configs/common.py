@@ -17,8 +17,14 @@ from llava_jax.models import presets
 
 # Stage masks (LLAVA.md §6): first matching regex over '/'-joined param paths decides.
 STAGE1_TRAINABLE = (('projector/.*', True), ('.*', False))
+# With <im_start>/<im_end> (model.mm_use_im_start_end) the original's stage 1 also trains the input embeddings (the
+# output embeddings stay frozen): initialize_vision_tokenizer with tune_mm_mlp_adapter.
+STAGE1_IM_START_END_TRAINABLE = (('projector/.*', True), ('language_model/embed_tokens/.*', True), ('.*', False))
 STAGE2_TRAINABLE = (('projector/.*', True), ('language_model/.*', True), ('.*', False))
 ALL_TRAINABLE = (('.*', True),)
+# LLaVA on today's LLMs: model preset -> the chat template its LLM was tuned with (stage 2).
+FAMILY_PRESETS = {'llava_mistral_7b': 'mistral_instruct', 'llava_llama3_8b': 'llama_3', 'llava_llama31_8b': 'llama_3',
+                  'llava_qwen2_0_5b': 'qwen_2', 'llava_qwen2_1_5b': 'qwen_2', 'llava_qwen2_7b': 'qwen_2'}
 
 
 def parse_arg(arg, **defaults):
@@ -54,6 +60,12 @@ def _section(obj) -> ml_collections.ConfigDict:
       value = placeholder(next(t for t in typing.get_args(hints[f.name]) if t is not type(None)))
     out[f.name] = value
   return ml_collections.ConfigDict(out)
+
+
+def image_layout(c: ml_collections.ConfigDict, im_start_end: bool, im_patch_token: bool) -> None:
+  """The original release's image token layouts (config args `im_start_end`, `im_patch_token`)."""
+  c.model.mm_use_im_start_end = im_start_end
+  c.model.mm_use_im_patch_token = im_patch_token
 
 
 def stage_config(preset: str = 'tiny') -> ml_collections.ConfigDict:

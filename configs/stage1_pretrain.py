@@ -5,8 +5,12 @@
       --config.init.vision_from=hf/clip-vit-large-patch14-336 --config.init.llm_from=hf/vicuna-7b-v1.5
 
 Variants (arg): llava_7b, llava_13b (LLaVA: CC-595K, linear projector, lr 2e-3, batch 128),
-llava15_7b, llava15_13b (LLaVA-1.5: LCS-558K, mlp2x_gelu projector, lr 1e-3, batch 256), tiny (tests).
-The result `<workdir>/model` is what stage 2 takes as `init.projector_from`.
+llava15_7b, llava15_13b (LLaVA-1.5: LCS-558K, mlp2x_gelu projector, lr 1e-3, batch 256), the LLaVA-1.5 recipe on
+other LLMs (FAMILY_PRESETS: llava_mistral_7b, llava_llama3_8b, llava_llama31_8b, llava_qwen2_{0_5b,1_5b,7b}),
+tiny (tests).
+The result `<workdir>/model` is what stage 2 takes as `init.projector_from`. Args `im_start_end=true` /
+`im_patch_token=true`: the original's mm_use_im_start_end / mm_use_im_patch_token layouts (with start/end tokens
+the input embeddings train too, as in the original).
 
 Packed rows (data.packing; `--config.data.packing=False` for the original's one sample per row): each caption
 sample is ~600 tokens (576 image tokens + a short caption), so rows of 2048 would hold 3 and leave ~12% padding;
@@ -23,12 +27,13 @@ RECIPE = {
     'llava15_7b': ('llava15_7b', 1e-3, 256, 48),
     'llava15_13b': ('llava15_13b', 1e-3, 256, 48),
     'tiny': ('tiny', 1e-3, 8, None),   # tests: unpacked
+    **{name: (name, 1e-3, 256, 48) for name in common.FAMILY_PRESETS},
 }
 PACKED_ROW_LENGTH, PACKED_IMAGES_PER_ROW = 3072, 5
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant='llava15_7b')
+  a = common.parse_arg(arg, variant='llava15_7b', im_start_end=False, im_patch_token=False)
   if a['variant'] not in RECIPE:
     raise ValueError(f'variant {a["variant"]!r}; allowed: {sorted(RECIPE)}')
   preset, lr, batch, rows = RECIPE[a['variant']]
@@ -40,6 +45,9 @@ def get_config(arg=None):
     c.data.row_length, c.data.max_images_per_row = PACKED_ROW_LENGTH, PACKED_IMAGES_PER_ROW
   c.data.num_epochs = 1
   c.train.trainable = common.STAGE1_TRAINABLE
+  common.image_layout(c, a['im_start_end'], a['im_patch_token'])
+  if a['im_start_end']:
+    c.train.trainable = common.STAGE1_IM_START_END_TRAINABLE
   c.optim.lr = lr
   c.optim.warmup_ratio = 0.03
   c.checkpoint.every_steps = 500

@@ -7,7 +7,9 @@
 
 Variants (arg): llava_7b, llava_13b (LLaVA: Instruct-158K, 3 epochs, batch 128 as in the release scripts;
 the paper used 32), llava15_7b, llava15_13b (LLaVA-1.5: mix665k, 1 epoch, batch 128, images padded to square,
-length grouping), tiny (tests). All: lr 2e-5, cosine, warmup 0.03, template vicuna_v1.
+length grouping), the LLaVA-1.5 recipe on other LLMs (common.FAMILY_PRESETS, each with its LLM's chat template),
+tiny (tests). Args im_start_end / im_patch_token as in stage1_pretrain.py. All: lr 2e-5, cosine, warmup 0.03,
+template vicuna_v1 unless the LLM has its own.
 
 Packed rows (data.packing; `--config.data.packing=False` for the original's one sample per row): rows of 4096
 tokens with 5 image slots; on the mix665k-like distribution of bench/epoch.py that is 4.63 samples per row, 5.4%
@@ -24,17 +26,18 @@ RECIPE = {
     'llava15_7b': ('llava15_7b', 1, 128, 'pad', True, 32),
     'llava15_13b': ('llava15_13b', 1, 128, 'pad', True, 32),
     'tiny': ('tiny', 1, 8, 'square', False, None),   # tests: unpacked
+    **{name: (name, 1, 128, 'pad', True, 32) for name in common.FAMILY_PRESETS},
 }
 PACKED_ROW_LENGTH, PACKED_IMAGES_PER_ROW = 4096, 5
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant='llava15_7b')
+  a = common.parse_arg(arg, variant='llava15_7b', im_start_end=False, im_patch_token=False)
   if a['variant'] not in RECIPE:
     raise ValueError(f'variant {a["variant"]!r}; allowed: {sorted(RECIPE)}')
   preset, epochs, batch, aspect, group, rows = RECIPE[a['variant']]
   c = common.stage_config(preset)
-  c.data.template = 'vicuna_v1'      # Vicuna's template; use llava_llama_2 for a LLaMA-2-chat LLM
+  c.data.template = common.FAMILY_PRESETS.get(preset, 'vicuna_v1')  # Vicuna's; llava_llama_2 for LLaMA-2-chat
   c.data.global_batch_size = batch
   if rows:
     c.data.packing, c.data.global_batch_size = True, rows
@@ -43,6 +46,7 @@ def get_config(arg=None):
   c.data.image_aspect = aspect
   c.data.group_by_length = group
   c.train.trainable = common.STAGE2_TRAINABLE
+  common.image_layout(c, a['im_start_end'], a['im_patch_token'])
   c.optim.lr = 2e-5
   c.optim.warmup_ratio = 0.03
   if a['variant'] == 'tiny':

@@ -67,7 +67,7 @@ def stop_strings_for(template: str) -> tuple[str, ...]:
 
 def prompt_ids(im: InferenceModel, messages) -> np.ndarray:
   """LLaVA JSON turns ending with a user turn -> generation-prompt token ids int32[n]."""
-  return tokenize.tokenize_prompt(messages, im.tokenizer, im.template, im.config.num_image_tokens)
+  return tokenize.tokenize_prompt(messages, im.tokenizer, im.template, tokenize.ImageTokens.of(im.config))
 
 
 def load_pixels(im: InferenceModel, path: str) -> np.ndarray:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llava_jax.data.tokenize import IMAGE_TOKEN, add_image_token
+from llava_jax.data.tokenize import ImageTokens, add_image_token
 from llava_jax.models.config import LlavaConfig
 from llava_jax.models.llava import abstract_params
 
@@ -113,18 +113,27 @@ def load_tokenizer(path: str):
 def check_tokenizer(tokenizer, config: LlavaConfig, where: str, *, missing_image_token: str = 'error') -> None:
   """Raise TokenizerMismatch unless `tokenizer` drives the model of `config`.
 
-  missing_image_token: 'error'; 'add' (add `<image>` as the next id, as llava-hf's conversion and training from
-  a plain LLaMA tokenizer do); 'ignore' (only the vocabulary size is checked).
+  The image token is `<image>`, or `<im_patch>` for mm_use_im_patch_token models; mm_use_im_start_end models
+  also need `<im_start>` / `<im_end>` (tokenize.ImageTokens). missing_image_token: 'error'; 'add' (add the
+  missing ones as the next ids, as llava-hf's conversion and the original's initialize_vision_tokenizer do);
+  'ignore' (only the vocabulary size is checked).
   """
+  layout = ImageTokens.of(config)
   if missing_image_token == 'add':
-    add_image_token(tokenizer)
+    for token in layout.special_tokens:
+      add_image_token(tokenizer, token)
   added = tokenizer.get_added_vocab()
-  if IMAGE_TOKEN in added and added[IMAGE_TOKEN] != config.image_token_id:
-    raise TokenizerMismatch(f'{where}: the tokenizer maps {IMAGE_TOKEN!r} to id {added[IMAGE_TOKEN]} but the model '
+  token = layout.token
+  if token in added and added[token] != config.image_token_id:
+    raise TokenizerMismatch(f'{where}: the tokenizer maps {token!r} to id {added[token]} but the model '
                             f'expects {config.image_token_id} (image_token_id): checkpoint/tokenizer mismatch')
-  if IMAGE_TOKEN not in added and missing_image_token != 'ignore':
-    raise TokenizerMismatch(f'{where}: the tokenizer has no {IMAGE_TOKEN!r} token; it does not belong to this '
+  if token not in added and missing_image_token != 'ignore':
+    raise TokenizerMismatch(f'{where}: the tokenizer has no {token!r} token; it does not belong to this '
                             f'LLaVA model (expected image_token_id {config.image_token_id})')
+  lacking = [t for t in layout.special_tokens[1:] if t not in added]
+  if lacking and missing_image_token != 'ignore':
+    raise TokenizerMismatch(f'{where}: the tokenizer has no {lacking} tokens, which the model uses '
+                            '(mm_use_im_start_end)')
   if len(tokenizer) > config.text.vocab_size:
     raise TokenizerMismatch(f'{where}: the tokenizer has {len(tokenizer)} tokens but the model vocabulary is '
                             f'{config.text.vocab_size} (text.vocab_size): checkpoint/tokenizer mismatch')

@@ -72,12 +72,39 @@ def hf_llava(projector_act='gelu', select='default', tie=False, seed=0, rope_the
   return randomize_(transformers.LlavaForConditionalGeneration(config), seed)
 
 
+def original_llava(root, *, start_end=True, patch_token=True, projector='mlp2x_gelu', load_tower=True, seed=21):
+  """A tiny random original-release LLaVA (llava-torch's LlavaLlamaForCausalLM, eval mode) and its word-level
+  tokenizer: 128 words, then the tokens its initialize_vision_tokenizer adds (<im_patch>, then <im_start>,
+  <im_end>, as asked); the vocab has exactly those rows. The tower's CLIP config (and weights when `load_tower`:
+  then they sit inside the checkpoint, as in its saves) is in root/'clip'. Returns (model, tokenizer)."""
+  import torch
+  import transformers
+  from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+  torch.manual_seed(seed)
+  clip = os.path.join(root, 'clip')
+  if load_tower:
+    randomize_(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_VISION)), seed).save_pretrained(clip)
+    transformers.CLIPImageProcessor(size={'shortest_edge': 32}, crop_size=32).save_pretrained(clip)
+  else:  # the original builds only the tower's config until load_model()
+    transformers.CLIPVisionConfig(**TINY_VISION).save_pretrained(clip)
+  tok = word_tokenizer([f'w{i}' for i in range(124)])
+  added = (['<im_patch>'] if patch_token else []) + (['<im_start>', '<im_end>'] if start_end else [])
+  tok.add_tokens(added, special_tokens=True)
+  config = LlavaConfig(**dict(TINY_TEXT, vocab_size=len(tok)), mm_vision_tower=clip, mm_hidden_size=32,
+                       mm_projector_type=projector, mm_vision_select_layer=-2, mm_vision_select_feature='patch',
+                       mm_use_im_start_end=start_end, mm_use_im_patch_token=patch_token)
+  model = LlavaLlamaForCausalLM(config)
+  if load_tower:
+    model.get_model().get_vision_tower().load_model()
+  return randomize_(model, seed), tok
+
+
 @pytest.fixture(scope='session')
 def tiny():
   """The builders above, for tests in any file."""
   import types
   return types.SimpleNamespace(vision=TINY_VISION, text=TINY_TEXT, image_token=IMAGE_TOKEN, randomize_=randomize_,
-                               hf_llava=hf_llava)
+                               hf_llava=hf_llava, original_llava=original_llava)
 
 
 def random_params(config, seed=0, std=0.1):

@@ -51,12 +51,14 @@ def train():
         sys.modules[k] = v
 
 
-def preprocess(template_name: str, conversations: list, tokenizer, has_image: bool) -> dict:
+def preprocess(template_name: str, conversations: list, tokenizer, has_image: bool,
+               mm_use_im_start_end: bool = False) -> dict:
   """The original's labels for one LLaVA JSON conversation with `conv_templates[template_name]` as the
   default conversation (what `--version` does in its train.py). Returns {input_ids, labels} as lists; image
   positions hold its `IMAGE_TOKEN_INDEX` (-200) once.
 
-  `preprocess_multimodal` runs first as in its dataset (image moved to the front, mmtag wrapping); its
+  `preprocess_multimodal` runs first as in its dataset (image moved to the front, mmtag wrapping, <im_start> /
+  <im_end> around it with `mm_use_im_start_end`); its
   `tokenizer.legacy` lookup needs the attribute, which byte-level BPE tokenizers lack (False: not legacy).
   """
   conv = conversation.conv_templates[template_name]
@@ -68,7 +70,7 @@ def preprocess(template_name: str, conversations: list, tokenizer, has_image: bo
     tokenizer.legacy = False
   try:
     if has_image:
-      data_args = types.SimpleNamespace(is_multimodal=True, mm_use_im_start_end=False)
+      data_args = types.SimpleNamespace(is_multimodal=True, mm_use_im_start_end=mm_use_im_start_end)
       sources = train().preprocess_multimodal(sources, data_args)
     with contextlib.redirect_stdout(open(os.devnull, 'w')):  # its "tokenization mismatch" warnings
       out = train().preprocess(sources, tokenizer, has_image=has_image)

@@ -18,7 +18,6 @@ from llava_jax.convert.__main__ import main as cli
 from llava_jax.convert.delta import DeltaMismatchError, apply_delta, make_delta
 from llava_jax.convert.safetensors_io import open_checkpoint, write_safetensors, TensorOut
 
-from conftest import word_tokenizer
 
 
 def tensors(path):
@@ -34,20 +33,12 @@ def assert_bitwise(got: dict, want: dict):
 
 @pytest.fixture(scope='module')
 def dirs(tiny, tmp_path_factory):
-  from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
   root = tmp_path_factory.mktemp('delta')
   torch.manual_seed(0)
   base = tiny.randomize_(transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny.text)), seed=20)
   base.half().save_pretrained(root / 'base')
-  clip = root / 'clip'
-  transformers.CLIPVisionConfig(**tiny.vision).save_pretrained(clip)  # the original builds its tower config only
-  config = LlavaConfig(**dict(tiny.text, vocab_size=131), mm_vision_tower=str(clip), mm_hidden_size=32,
-                       mm_projector_type='linear', mm_vision_select_layer=-2, mm_use_im_start_end=True,
-                       mm_use_im_patch_token=True)
-  target = tiny.randomize_(LlavaLlamaForCausalLM(config), seed=21)
+  target, tok = tiny.original_llava(str(root), projector='linear', load_tower=False)
   target.half().save_pretrained(root / 'target')
-  tok = word_tokenizer([f'w{i}' for i in range(124)])
-  tok.add_tokens(['<im_patch>', '<im_start>', '<im_end>'], special_tokens=True)
   tok.save_pretrained(root / 'target')
   return root
 

@@ -22,19 +22,20 @@ def log(msg: str) -> None:
 def _tokenizer_for(args, config, original: bool):
   """The tokenizer to store, checked against the model (<image> added for an original release), or None."""
   from llava_jax import model_dir
-  from llava_jax.data.tokenize import IMAGE_TOKEN
+  from llava_jax.data.tokenize import ImageTokens
+  image_token = ImageTokens.of(config).token  # <image>, or <im_patch> (mm_use_im_patch_token)
   tokenizer = None if args.no_tokenizer else model_dir.load_tokenizer(args.tokenizer or args.src)
   if tokenizer is None:
     log('no tokenizer found beside the weights (pass --tokenizer DIR to store one)')
     return None
   missing = 'add' if original else 'error'
-  if not original and IMAGE_TOKEN not in tokenizer.get_added_vocab():
-    log(f'warning: the tokenizer has no {IMAGE_TOKEN!r} token; the model uses id {config.image_token_id}')
+  if not original and image_token not in tokenizer.get_added_vocab():
+    log(f'warning: the tokenizer has no {image_token!r} token; the model uses id {config.image_token_id}')
     missing = 'ignore'
   try:
     model_dir.check_tokenizer(tokenizer, config, args.tokenizer or args.src, missing_image_token=missing)
   except model_dir.TokenizerMismatch as e:
-    got = tokenizer.get_added_vocab().get(IMAGE_TOKEN, config.image_token_id)
+    got = tokenizer.get_added_vocab().get(image_token, config.image_token_id)
     hint = f'; pass --image-token-id {got}' if got != config.image_token_id else ''
     raise SystemExit(f'error: {e}{hint}') from None
   return tokenizer

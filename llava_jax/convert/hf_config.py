@@ -136,8 +136,17 @@ def llava_from_hf(hc, where: str, param_dtype: str) -> tuple[LlavaConfig, bool]:
   tie = bool(getattr(hc, 'tie_word_embeddings', False) or hc.text_config.tie_word_embeddings)
   text = text_from_hf(hc.text_config, where, tie)
   config = LlavaConfig(vision=vision, text=text, projector=PROJECTOR_FROM_HF_ACT[act],
-                       image_token_id=hc.image_token_index, param_dtype=param_dtype)
+                       image_token_id=hc.image_token_index, param_dtype=param_dtype, **image_layout_of(hc))
   return config, act == 'linear'
+
+
+IMAGE_LAYOUT_KEYS = ('mm_use_im_start_end', 'mm_use_im_patch_token')
+
+
+def image_layout_of(config) -> dict:
+  """The original release's image token layout keys (also written into our HF exports' config.json)."""
+  get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
+  return {k: bool(get(k, False)) for k in IMAGE_LAYOUT_KEYS}
 
 
 def original_projector(raw: dict) -> Optional[str]:
@@ -171,6 +180,8 @@ def llava_to_hf(config: LlavaConfig, torch_dtype: str, tokenizer=None) -> dict[s
       'vision_feature_select_strategy': SELECT_TO_HF[v.feature_select],
       'tie_word_embeddings': t.tie_word_embeddings, 'torch_dtype': torch_dtype, 'dtype': torch_dtype,
   }
+  if config.mm_use_im_start_end or config.mm_use_im_patch_token:  # transformers keeps unknown keys; we read them
+    out.update({k: getattr(config, k) for k in IMAGE_LAYOUT_KEYS})
   if tokenizer is not None:
     for key in ('pad_token_id', 'bos_token_id', 'eos_token_id'):
       value = getattr(tokenizer, key, None)

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.convert import layout
-from llava_jax.convert.hf_config import (TEXT_MODEL_TYPES, llava_from_hf, original_projector, read_json, text_from_hf,
-                                         vision_from_hf)
+from llava_jax.convert.hf_config import (TEXT_MODEL_TYPES, image_layout_of, llava_from_hf, original_projector,
+                                         read_json, text_from_hf, vision_from_hf)
 from llava_jax.convert.safetensors_io import TensorRef, open_checkpoint
+from llava_jax.data.tokenize import IM_PATCH
 from llava_jax.models.clip import CLIPVisionTower
 from llava_jax.models.config import LlamaConfig, LlavaConfig, VisionConfig
 from llava_jax.models.llama import LlamaForCausalLM
@@ -242,6 +243,25 @@ def load_hf_llava(path: str, *, dtype: Optional[str] = None, vision_tower: Optio
   return Llava(config), _fill(source, entries, shapes, dtype, log, path)
 
 
+def added_token_id(path: str, token: str) -> Optional[int]:
+  """Id of an added token in the tokenizer files of `path` (added_tokens.json, tokenizer.json or
+  tokenizer_config.json), read as JSON without building the tokenizer; None when no file names it."""
+  import json
+  for name, find in (('added_tokens.json', lambda d: d.get(token)),
+                     ('tokenizer.json', lambda d: next((t['id'] for t in d.get('added_tokens', [])
+                                                        if t.get('content') == token), None)),
+                     ('tokenizer_config.json', lambda d: next((int(i) for i, t in d.get('added_tokens_decoder',
+                                                                                       {}).items()
+                                                               if t.get('content') == token), None))):
+    file = os.path.join(path, name)
+    if os.path.isfile(file):
+      with open(file) as f:
+        found = find(json.load(f))
+      if found is not None:
+        return int(found)
+  return None
+
+
 def load_original_llava(path: str, *, vision_tower: Optional[str] = None, mm_projector: Optional[str] = None,
                         dtype: Optional[str] = None, image_token_id: Optional[int] = None,
                         pad_vocab_multiple: int = 64, log: Log = None) -> tuple[Llava, dict]:
@@ -250,7 +270,9 @@ def load_original_llava(path: str, *, vision_tower: Optional[str] = None, mm_pro
 
   The release splices one -200 id at run time; we need an in-vocab image token, so unless `image_token_id` is an
   existing id the vocab grows by one row (id = old vocab size, like llava-hf's `<image>` = 32000), padded to a
-  multiple of `pad_vocab_multiple`; new rows take the mean of the old ones.
+  multiple of `pad_vocab_multiple`; new rows take the mean of the old ones. An `mm_use_im_patch_token` model
+  already has `<im_patch>` in its vocab: that is the image token (its id read from the tokenizer files in `path`).
+  `mm_use_im_start_end` / `mm_use_im_patch_token` go into the config (tokenize.ImageTokens lays out the prompt).
   """
   import transformers
   raw = read_json(path)
@@ -287,14 +309,20 @@ def load_original_llava(path: str, *, vision_tower: Optional[str] = None, mm_pro
     raise ValueError(f'{path}: mm_hidden_size={raw["mm_hidden_size"]} but {vision_dir} has hidden_size '
                      f'{vision.hidden_size}')
   hf_vocab = text.vocab_size
+  image_layout = image_layout_of(raw)
+  if image_token_id is None and image_layout['mm_use_im_patch_token']:
+    image_token_id = added_token_id(path, IM_PATCH)
+    if image_token_id is None:
+      raise ValueError(f'{path}: config.json key mm_use_im_patch_token=true, but no tokenizer file there names '
+                       f'{IM_PATCH}; pass its id as image_token_id (--image-token-id)')
   if image_token_id is None:
     image_token_id = hf_vocab
-  vocab = max(hf_vocab, -(-(image_token_id + 1) // pad_vocab_multiple) * pad_vocab_multiple)
+  vocab = hf_vocab if image_token_id < hf_vocab else -(-(image_token_id + 1) // pad_vocab_multiple) * pad_vocab_multiple
   if vocab != hf_vocab and log:
     log(f'  vocab {hf_vocab} -> {vocab}: image token id {image_token_id} appended (rows = mean embedding)')
   dtype = _pick_dtype(dtype, source, layout.TEXT + 'embed_tokens.weight', path)
   config = LlavaConfig(vision=vision, text=dataclasses.replace(text, vocab_size=vocab), projector=projector,
-                       image_token_id=image_token_id, param_dtype=dtype)
+                       image_token_id=image_token_id, param_dtype=dtype, **image_layout)
   shapes = layout.leaf_shapes(abstract_params(config))
   text_entries = [dataclasses.replace(e, hf_shape=(hf_vocab,) + e.hf_shape[1:])
                   if e.path[-1] == 'embedding' or e.path[-2:] == ('lm_head', 'kernel') else e

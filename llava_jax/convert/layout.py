@@ -219,13 +219,15 @@ def canonical_llama(name: str) -> Optional[str]:
 
 def canonical_original_extra(name: str) -> str:
   """Original release (haotian-liu/LLaVA): `model.mm_projector.{0,2}.*` (mlp2x_gelu) or `model.mm_projector.*`
-  (linear); a vision tower saved inside the model as `model.vision_tower.vision_tower.vision_model.*`."""
+  (linear); a vision tower saved inside the model as `model.vision_tower.vision_tower.[vision_model.]*`."""
   m = re.match(r'^model\.mm_projector\.(?:(\d+)\.)?(weight|bias)$', name)
   if m:
     index = {None: 1, '0': 1, '2': 2}.get(m.group(1))
     return f'{PROJ}linear_{index}.{m.group(2)}' if index else name
-  if name.startswith('model.vision_tower.vision_tower.vision_model.'):
-    return VISION + name[len('model.vision_tower.vision_tower.vision_model.'):]
+  inner = 'model.vision_tower.vision_tower.'
+  if name.startswith(inner):  # saved by transformers 4.x with `vision_model.`, by 5.x without
+    rest = name[len(inner):]
+    return VISION + (rest[len('vision_model.'):] if rest.startswith('vision_model.') else rest)
   return name
 
 

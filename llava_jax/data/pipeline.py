@@ -35,7 +35,7 @@ import json
 import math
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import grain
 import numpy as np
@@ -43,7 +43,7 @@ import numpy as np
 from llava_jax.data.builder import LENGTHS_FILE
 from llava_jax.data.conversation import get_template
 from llava_jax.data.image import ASPECTS, blank_image, load_image, preprocess_image
-from llava_jax.data.tokenize import IGNORE_INDEX, image_token_id, tokenize_conversation
+from llava_jax.data.tokenize import IGNORE_INDEX, ImageTokens, require_image_tokens, tokenize_conversation
 
 BATCH_KEYS = ('input_ids', 'labels', 'attention_mask', 'pixel_values', 'has_image')
 PACKED_BATCH_KEYS = ('input_ids', 'labels', 'segment_ids', 'positions', 'attention_mask', 'pixel_values',
@@ -550,8 +550,9 @@ class LlavaIterator(grain.DatasetIterator):
       close()
 
 
-def make_pipeline(data_dir: str, *, split: str, tokenizer, template: str, num_image_tokens: int,
-                  image_size: int, image_aspect: str, max_length: int, global_batch_size: int, seed: int,
+def make_pipeline(data_dir: str, *, split: str, tokenizer, template: str,
+                  num_image_tokens: Union[int, ImageTokens], image_size: int, image_aspect: str, max_length: int,
+                  global_batch_size: int, seed: int,
                   num_epochs: Optional[int], shuffle: bool = True, group_by_length: bool = False,
                   packing: bool = False, row_length: Optional[int] = None, max_images_per_row: int = 1,
                   worker_count: int = 0,
@@ -561,8 +562,9 @@ def make_pipeline(data_dir: str, *, split: str, tokenizer, template: str, num_im
                   packing_bins: int = PACKING_BINS) -> LlavaIterator:
   """Training batches for this process; see the module docstring. `num_epochs=None` repeats forever.
 
-  `tokenizer` must already have the `<image>` token (add_image_token). `group_by_length` needs the
-  build's modality_lengths.json and always shuffles (megabatches are drawn at random). `read_threads`/`prefetch_batches` are per process (main or worker).
+  `tokenizer` must already have the `<image>` token (add_image_token), or the tokens of the ImageTokens layout
+  passed as `num_image_tokens`. `group_by_length` needs the build's modality_lengths.json and always shuffles
+  (megabatches are drawn at random). `read_threads`/`prefetch_batches` are per process (main or worker).
   `packing`: rows of `row_length` tokens (None: `max_length`, the cut of each sample) hold several
   samples and up to `max_images_per_row` images;
   `global_batch_size` then counts rows, not samples (see the module docstring).
@@ -570,7 +572,7 @@ def make_pipeline(data_dir: str, *, split: str, tokenizer, template: str, num_im
   get_template(template)
   if image_aspect not in ASPECTS:
     raise ValueError(f'image_aspect must be one of {ASPECTS}, got {image_aspect!r}')
-  image_token_id(tokenizer)
+  require_image_tokens(tokenizer, num_image_tokens)
   if process_index is None or process_count is None:
     import jax  # local: the data package itself never needs jax
     process_index = jax.process_index() if process_index is None else process_index

@@ -8,10 +8,13 @@ Tokenizers without offset mappings (Python/SentencePiece backends) tokenize piec
 which is exact by construction. Either way no tokenizer can produce a mismatch.
 
 `<image>` is one special token in the text; after tokenization it is expanded to the model's
-`num_image_tokens` copies of its id (the HF convention), never supervised.
+`num_image_tokens` copies of its id (the HF convention), never supervised. The original release's other layouts
+(`ImageTokens`, from the model config): `<im_start>` + image + `<im_end>` (mm_use_im_start_end), and `<im_patch>`
+as the repeated image token (mm_use_im_patch_token).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -20,6 +23,46 @@ from tokenizers import AddedToken
 from llava_jax.data.conversation import IMAGE_TOKEN, Template, get_template, normalize_turns, render_pieces
 
 IGNORE_INDEX = -100
+IM_START, IM_END, IM_PATCH = '<im_start>', '<im_end>', '<im_patch>'  # the original's DEFAULT_IM_*_TOKEN
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTokens:
+  """How one image sits in input_ids: [`<im_start>`] + `count` x `token` + [`<im_end>`].
+
+  `token` is the image token the model replaces by features (`<image>`; `<im_patch>` for mm_use_im_patch_token
+  models); `start_end` wraps it (mm_use_im_start_end). As the original's preprocess_multimodal, the wrap goes
+  where `<image>` is in the text, except in `plain`, whose human turn the original replaces by a bare `<image>`.
+  """
+  count: int
+  token: str = IMAGE_TOKEN
+  start_end: bool = False
+
+  @classmethod
+  def of(cls, config) -> 'ImageTokens':
+    """From a LlavaConfig."""
+    return cls(config.num_image_tokens, IM_PATCH if config.mm_use_im_patch_token else IMAGE_TOKEN,
+               config.mm_use_im_start_end)
+
+  @property
+  def special_tokens(self) -> tuple[str, ...]:
+    """The tokens the tokenizer needs (the original adds <im_patch>, then <im_start>, <im_end>)."""
+    return (self.token,) + ((IM_START, IM_END) if self.start_end else ())
+
+  def text(self, template) -> str:
+    """What `<image>` becomes in the rendered text of `template`, before tokenization."""
+    wrap = self.start_end and get_template(template).style != 'plain'
+    return IM_START + self.token + IM_END if wrap else self.token
+
+
+def _image_tokens(image: Union[int, ImageTokens]) -> ImageTokens:
+  return image if isinstance(image, ImageTokens) else ImageTokens(image)
+
+
+def require_image_tokens(tokenizer, image: Union[int, ImageTokens]) -> None:
+  """ValueError unless the tokenizer has every special token of the image layout."""
+  for token in _image_tokens(image).special_tokens:
+    image_token_id(tokenizer, token)
 
 
 def add_image_token(tokenizer, token: str = IMAGE_TOKEN) -> int:
@@ -95,32 +138,45 @@ def encode_pieces(pieces: Sequence[tuple[str, bool]], tokenizer) -> tuple[list[i
   return ids, np.asarray(sup, bool)
 
 
-def _expand_images(ids: list[int], sup: np.ndarray, image_id: int, num_images: int,
-                   num_image_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
-  """Replaces each `<image>` id by `num_image_tokens` copies. Returns (ids, sup, end of the last image)."""
-  positions = [i for i, t in enumerate(ids) if t == image_id]
-  if len(positions) != num_images:
-    raise ValueError(f'expected {num_images} {IMAGE_TOKEN} token(s) after tokenization, found '
-                     f'{len(positions)}: is {IMAGE_TOKEN} a special token of this tokenizer?')
+def _layout_pieces(pieces, image: ImageTokens, template):
+  """The rendered pieces with `<image>` replaced by the image layout's text (a no-op for plain `<image>`)."""
+  text = image.text(template)
+  return pieces if text == IMAGE_TOKEN else [(p.replace(IMAGE_TOKEN, text), s) for p, s in pieces]
+
+
+def _expand_images(ids: list[int], sup: np.ndarray, tokenizer, num_images: int, image: ImageTokens,
+                   template) -> tuple[np.ndarray, np.ndarray, int]:
+  """Replaces each image token by `image.count` copies. Returns (ids, sup, end of the last image: the index
+  after it, after its `<im_end>` when wrapped)."""
   ids = np.asarray(ids, np.int32)
   if not num_images:
     return ids, sup, 0
-  if num_image_tokens < 1:
-    raise ValueError(f'num_image_tokens must be >= 1 for an image sample, got {num_image_tokens}')
+  image_id = image_token_id(tokenizer, image.token)
+  positions = [int(i) for i in np.flatnonzero(ids == image_id)]
+  if len(positions) != num_images:
+    raise ValueError(f'expected {num_images} {image.token} token(s) after tokenization, found '
+                     f'{len(positions)}: is {image.token} a special token of this tokenizer?')
+  if image.count < 1:
+    raise ValueError(f'num_image_tokens must be >= 1 for an image sample, got {image.count}')
+  wrapped = image.text(template) != image.token
+  if wrapped:
+    start, end = (image_token_id(tokenizer, t) for t in (IM_START, IM_END))
+    if not all(0 < p < len(ids) - 1 and ids[p - 1] == start and ids[p + 1] == end for p in positions):
+      raise ValueError(f'{IM_START}{image.token}{IM_END} did not tokenize to their three ids')
   bounds = [-1] + positions + [len(ids)]
   keep = [slice(a + 1, b) for a, b in zip(bounds[:-1], bounds[1:])]
-  image = np.full(num_image_tokens, image_id, np.int32)
-  ids = np.concatenate([x for part in keep[:-1] for x in (ids[part], image)] + [ids[keep[-1]]])
-  no = np.zeros(num_image_tokens, bool)
+  tokens = np.full(image.count, image_id, np.int32)
+  ids = np.concatenate([x for part in keep[:-1] for x in (ids[part], tokens)] + [ids[keep[-1]]])
+  no = np.zeros(image.count, bool)
   sup = np.concatenate([x for part in keep[:-1] for x in (sup[part], no)] + [sup[keep[-1]]])
-  return ids, sup, positions[-1] + num_images * num_image_tokens - (num_images - 1)
+  return ids, sup, positions[-1] + num_images * image.count - (num_images - 1) + int(wrapped)
 
 
 def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Union[str, Template],
-                          num_image_tokens: int, max_length: Optional[int] = None, *,
+                          num_image_tokens: Union[int, ImageTokens], max_length: Optional[int] = None, *,
                           add_bos: bool = True) -> dict:
   """LLaVA JSON turns -> dict(input_ids int32[n], labels int32[n], truncated, dropped, drop_reason,
-  has_image, num_images).
+  has_image, num_images). num_image_tokens: a count (N x `<image>`), or the ImageTokens layout of the model.
 
   labels == input_ids where supervised, IGNORE_INDEX (-100) elsewhere; unshifted (the loss shifts).
   BOS is prepended when the tokenizer has one. Longer than `max_length`: cut at the end; a cut through
@@ -131,9 +187,10 @@ def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Un
   turns, num_images = normalize_turns(conversations)
   has_image = num_images > 0
   bos, eos = _special_strings(tokenizer)
-  ids, sup = encode_pieces(render_pieces(turns, template, bos=bos, eos=eos), tokenizer)
-  image_id = image_token_id(tokenizer) if has_image else -1
-  ids, sup, image_end = _expand_images(ids, sup, image_id, num_images, num_image_tokens)
+  image = _image_tokens(num_image_tokens)
+  pieces = _layout_pieces(render_pieces(turns, template, bos=bos, eos=eos), image, template)
+  ids, sup = encode_pieces(pieces, tokenizer)
+  ids, sup, image_end = _expand_images(ids, sup, tokenizer, num_images, image, template)
   if add_bos and tokenizer.bos_token_id is not None:
     ids = np.concatenate([np.asarray([tokenizer.bos_token_id], np.int32), ids])
     sup = np.concatenate([[False], sup])
@@ -164,15 +221,16 @@ def build_prompt(messages: Sequence[dict], template: Union[str, Template], *, bo
 
 
 def tokenize_prompt(messages: Sequence[dict], tokenizer, template: Union[str, Template],
-                    num_image_tokens: int, *, add_bos: bool = True) -> np.ndarray:
+                    num_image_tokens: Union[int, ImageTokens], *, add_bos: bool = True) -> np.ndarray:
   """Token ids int32[n] of `build_prompt(messages, ...)` with the image expanded: exactly the tokens
   that precede the answer in `tokenize_conversation` of the same turns plus that answer."""
   turns, num_images = normalize_turns(messages)
   bos, eos = _special_strings(tokenizer)
-  pieces = render_pieces(turns, template, add_generation_prompt=True, bos=bos, eos=eos)
+  image = _image_tokens(num_image_tokens)
+  pieces = _layout_pieces(render_pieces(turns, template, add_generation_prompt=True, bos=bos, eos=eos), image,
+                          template)
   ids, sup = encode_pieces(pieces, tokenizer)
-  image_id = image_token_id(tokenizer) if num_images else -1
-  ids, _, _ = _expand_images(ids, sup, image_id, num_images, num_image_tokens)
+  ids, _, _ = _expand_images(ids, sup, tokenizer, num_images, image, template)
   if add_bos and tokenizer.bos_token_id is not None:
     ids = np.concatenate([np.asarray([tokenizer.bos_token_id], np.int32), ids])
   return ids

@@ -114,6 +114,10 @@ class LlavaConfig:
   dtype: str = 'float32'        # compute dtype of matmuls; norms, softmax and the loss stay fp32
   param_dtype: str = 'float32'  # storage dtype of freshly initialised params
   remat_policy: str = 'none'    # rematerialisation of decoder / encoder blocks
+  # The original release's image token layouts (its config.json keys; the model itself only splices features at
+  # image_token_id): `<im_start>` + image + `<im_end>`, and `<im_patch>` as the image token instead of `<image>`.
+  mm_use_im_start_end: bool = False
+  mm_use_im_patch_token: bool = False
 
   def __post_init__(self):
     _check(self.projector in PROJECTORS, f'projector={self.projector!r}; allowed: {PROJECTORS}')

@@ -181,9 +181,24 @@ def stage_errors(config, *, num_devices: int, process_count: int = 1, prefix: st
         re.fullmatch(r, 'projector/linear_1/kernel') and t for r, t in config.train.trainable):
       errors.append(f'{prefix}optim.projector_lr is set but train.trainable freezes the projector')
     errors += _random_frozen_errors(config, mc, prefix)
+    errors += _start_end_errors(config, mc, prefix)
   if check_paths:
     errors += path_errors(config, STAGE_PATHS, prefix, produced_under, skip=bad)
   return errors
+
+
+def _start_end_errors(config, mc, prefix: str) -> list[str]:
+  """With <im_start>/<im_end> (model.mm_use_im_start_end) the original trains the input embeddings in stage 1
+  (initialize_vision_tokenizer): their new rows must learn. A mask that trains the projector but not the decoder
+  must then train language_model/embed_tokens."""
+  rules = config.train.trainable
+  trains = lambda path: bool(partition.is_trainable(path, rules))
+  stage1 = trains('projector/linear_1/kernel') and not trains('language_model/layers/q_proj/kernel')
+  if mc.mm_use_im_start_end and stage1 and not trains('language_model/embed_tokens/embedding'):
+    return [f'{prefix}train.trainable freezes language_model/embed_tokens, but model.mm_use_im_start_end=True: '
+            'stage 1 must train the input embeddings, as the original does (configs/common.py '
+            'STAGE1_IM_START_END_TRAINABLE)']
+  return []
 
 
 def _batch_errors(config, num_devices: int, process_count: int, prefix: str) -> list[str]:

@@ -4,7 +4,9 @@ Order: `model_from` (all modules), then `vision_from` (vision_tower), `llm_from`
 `projector_from` (projector, e.g. the stage-1 export). Each source is an exported model directory
 or a HF directory, read by `llava_jax.model_dir.read_params`. Shapes must match the configured model, except
 the vocabulary: a checkpoint with fewer rows (e.g. Vicuna's 32000 vs LLaVA's 32064 with the image token) fills
-the first rows and the new rows keep their random init, as HF's resize_token_embeddings does.
+the first rows and the new rows keep their random init, as HF's resize_token_embeddings does; with
+<im_start>/<im_end> (model.mm_use_im_start_end) they take the mean of the loaded rows, as the original's
+initialize_vision_tokenizer sets them.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def random_split(model_config: LlavaConfig, mask, abstract_trainable, abstract_f
   return jax.jit(make, out_shardings=shardings)(jax.random.key(seed))
 
 
-def _place(value, target, path: str, source: str):
+def _place(value, target, path: str, source: str, mean_rows: bool = False):
   """One loaded leaf -> the dtype and sharding of `target` (vocab rows may be fewer: see module doc)."""
   value = np.asarray(jax.device_get(value)) if not isinstance(value, np.ndarray) else value
   if value.shape != target.shape:
@@ -49,7 +51,10 @@ def _place(value, target, path: str, source: str):
                        f'{target.shape}; the checkpoint and the config.model section disagree')
     rows = value.shape[vocab_axis]
     index = (slice(0, rows),) if vocab_axis == 0 else (Ellipsis, slice(0, rows))
-    merged = target.at[index].set(jnp.asarray(value, target.dtype))
+    merged = target
+    if mean_rows:
+      merged = jnp.broadcast_to(value.astype(np.float32).mean(vocab_axis, keepdims=True), target.shape)
+    merged = merged.astype(target.dtype).at[index].set(jnp.asarray(value, target.dtype))
     return jax.device_put(merged, target.sharding)
   return jax.device_put(value.astype(target.dtype), target.sharding)
 
@@ -59,7 +64,7 @@ def initial_params(init, model_config: LlavaConfig, mask, abstract_trainable, ab
   """`init`: the config's `init` section. Returns (trainable, frozen) placed on the mesh."""
   trainable, frozen = random_split(model_config, mask, abstract_trainable, abstract_frozen, seed)
   flat_t, flat_f = partition.flatten(trainable), partition.flatten(frozen)
-  loaded = set()
+  loaded, vocab_rows = set(), {}
   for key, modules in SOURCES:
     path = init[key]
     if path is None:
@@ -72,7 +77,9 @@ def initial_params(init, model_config: LlavaConfig, mask, abstract_trainable, ab
         flat = flat_t if full in flat_t else flat_f if full in flat_f else None
         if flat is None:
           raise ValueError(f'init.{key}={path}: param {full} does not exist in the configured model')
-        flat[full] = _place(value, flat[full], full, f'init.{key}={path}')
+        flat[full] = _place(value, flat[full], full, f'init.{key}={path}', model_config.mm_use_im_start_end)
+        if full in VOCAB_LEAVES:
+          vocab_rows[full] = value.shape[0]
         got.add(full)
       missing = sorted(k for k in (*flat_t, *flat_f) if k.startswith(module + '/') and k not in got)
       if missing:
@@ -83,4 +90,21 @@ def initial_params(init, model_config: LlavaConfig, mask, abstract_trainable, ab
   for module in model_dir.MODULES:
     if module not in loaded:
       log(f'init: {module} random (seed {seed})')
+  if model_config.mm_use_im_start_end and init['projector_from'] is not None and init['llm_from'] is not None:
+    _stage1_token_rows(init, flat_t, flat_f, vocab_rows[VOCAB_LEAVES[0]], log)
   return partition.unflatten(flat_t), partition.unflatten(flat_f)
+
+
+def _stage1_token_rows(init, flat_t, flat_f, rows: int, log) -> None:
+  """The input embeddings of the tokens added after the LLM's vocab (<im_start>, <im_end>) as stage 1 trained
+  them: the original's stage 2 takes them from the stage-1 file with the projector (pretrain_mm_mlp_adapter)."""
+  path, leaf = init['projector_from'], VOCAB_LEAVES[0]
+  stage1 = model_dir.read_params(path, ('language_model',))['language_model']['embed_tokens']['embedding']
+  stage1 = np.asarray(jax.device_get(stage1))
+  flat = flat_t if leaf in flat_t else flat_f
+  target = flat[leaf]
+  if stage1.shape != target.shape:
+    raise ValueError(f'init.projector_from={path}: {leaf} has shape {stage1.shape}, the model needs {target.shape}')
+  merged = target.at[rows:].set(jnp.asarray(stage1[rows:], target.dtype))
+  flat[leaf] = jax.device_put(merged, target.sharding)
+  log(f'init: {leaf}[{rows}:] (tokens added to the LLM, trained in stage 1) <- {path} (init.projector_from)')

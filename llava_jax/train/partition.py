@@ -30,17 +30,17 @@ def unflatten(flat: dict[str, Any]):
 
 def trainable_paths(params, rules: Rules) -> dict[str, bool]:
   """'/'-path -> trainable, for every leaf of `params`. Every leaf must match some rule."""
-  compiled = [(re.compile(r), bool(t)) for r, t in rules]
-  out = {}
-  for path in flatten(params):
-    for rx, t in compiled:
-      if rx.fullmatch(path):
-        out[path] = t
-        break
-    else:
-      raise ValueError(f'param {path!r} matches no rule of train.trainable {list(rules)}; end the list with '
-                       "('.*', False) to freeze everything else")
+  out = {path: is_trainable(path, rules) for path in flatten(params)}
+  unmatched = [p for p, t in out.items() if t is None]
+  if unmatched:
+    raise ValueError(f'param {unmatched[0]!r} matches no rule of train.trainable {list(rules)}; end the list with '
+                     "('.*', False) to freeze everything else")
   return out
+
+
+def is_trainable(path: str, rules: Rules):
+  """The first rule matching '/'-path `path` decides: True / False, None when no rule matches."""
+  return next((bool(t) for r, t in rules if re.fullmatch(r, path)), None)
 
 
 def split(params, mask: dict[str, bool]):

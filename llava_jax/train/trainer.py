@@ -17,7 +17,7 @@ import numpy as np
 
 from llava_jax import distributed, model_dir, sharding
 from llava_jax.data.pipeline import make_pipeline
-from llava_jax.data.tokenize import check_template_tokens
+from llava_jax.data.tokenize import ImageTokens, check_template_tokens
 from llava_jax.models.llava import abstract_params
 from llava_jax.train import config_checks, flops, metrics, partition, resume
 from llava_jax.train import init as init_lib
@@ -101,7 +101,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   # Processes holding the same rows (e.g. tensor parallelism across hosts) read the same shard.
   shard, num_shards = distributed.data_shard(mesh, d.global_batch_size)
   data = make_pipeline(d.train_dir, split=d.split, tokenizer=tokenizer, template=d.template,
-                       num_image_tokens=model_config.num_image_tokens, image_size=model_config.vision.image_size,
+                       num_image_tokens=ImageTokens.of(model_config), image_size=model_config.vision.image_size,
                        image_aspect=d.image_aspect, max_length=d.max_length, global_batch_size=d.global_batch_size,
                        seed=config.seed, num_epochs=None if fixed_steps else d.num_epochs, shuffle=d.shuffle,
                        group_by_length=d.group_by_length, packing=d.packing, row_length=d.row_length,
