@@ -102,7 +102,8 @@ def test_validation_lists_every_problem_with_its_key(paths, tmp_path):
       f'data.tokenizer={paths["tok"]}'])
   lines = msg.splitlines()[1:]
   assert any(f"data.train_dir='{tmp_path}/missing': no such directory" in line for line in lines)
-  assert any("data.template='vicuna'; allowed: ['plain', 'llava_v0', 'vicuna_v1'" in line for line in lines)
+  assert any("data.template='vicuna'; allowed: ['plain', 'vicuna_v0', 'llava_v0', 'v0_mmtag', 'vicuna_v1'" in line
+             for line in lines)
   assert any('mesh.shape=(2, 3, 1) does not fit the 8 available devices' in line for line in lines)
   assert any('optim.warmup_ratio=1.5: must be in [0, 1)' in line for line in lines)
   # No init paths: the frozen LLM and encoder would stay random.

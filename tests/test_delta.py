@@ -64,6 +64,10 @@ def test_round_trip_gives_the_target_bit_for_bit(dirs, capsys):
 
 def test_float16_delta_equals_the_original_apply_delta(dirs, capsys):
   """A float16 delta (as the original's make_delta writes) applied by us and by llava.model.apply_delta."""
+  import llava
+  from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+  # tests/llava_original.py registers the package without its __init__, which apply_delta imports the class from.
+  llava.LlavaLlamaForCausalLM = getattr(llava, 'LlavaLlamaForCausalLM', LlavaLlamaForCausalLM)
   from llava.model.apply_delta import apply_delta as original_apply_delta
   stats = make_delta(str(dirs / 'base'), str(dirs / 'target'), str(dirs / 'delta16'), dtype='float16')
   assert stats['combined'] == len(tensors(dirs / 'base')) and stats['copied'] == 2
