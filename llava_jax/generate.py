@@ -170,7 +170,7 @@ def _prefill(model, params, input_ids, attention_mask, pixel_values, rng, *, max
   b = input_ids.shape[0]
   cache = init_cache(model.config, b, max_len)
   logits, cache = model.apply({'params': params}, input_ids, pixel_values, attention_mask=attention_mask,
-                              cache=cache)
+                              cache=cache, last_logits_only=True)
   tok, done = _next_token(model, logits[:, -1], rng, 0, jnp.zeros((b,), bool), sampling, eos, pad)
   tokens = jnp.full((b, max_len - input_ids.shape[1]), pad, jnp.int32).at[:, 0].set(tok)
   return {'cache': cache, 'tokens': tokens, 'done': done, 'step': jnp.ones((), jnp.int32), 'rng': rng}

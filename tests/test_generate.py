@@ -213,3 +213,13 @@ def test_text_stream_holds_back_partial_text():
   assert not t.stopped
   assert [t.push([2]), t.push([2]), t.push([2, 1])] == ['', '', ''] and t.stopped
   assert t.text == 'aé##a' and t.ids == [1, 3, 4, 2, 2, 1, 2, 2, 2] and t.flush() == ''
+
+
+def test_last_logits_only_equals_full_logits(setup):
+  """The prefill's LM head on the last position only (the serving engine and Sampler use it)."""
+  model, params = setup['model'], setup['params']
+  ids, mask = setup['ids'], setup['mask']
+  full = model.apply({'params': params}, ids, setup['pixels'], attention_mask=mask)
+  last = model.apply({'params': params}, ids, setup['pixels'], attention_mask=mask, last_logits_only=True)
+  assert last.shape == (ids.shape[0], 1, full.shape[-1])
+  np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), rtol=1e-5, atol=1e-5)

@@ -114,12 +114,13 @@ class LlamaForCausalLM(nn.Module):
 
   def __call__(self, inputs_embeds: Array, attention_mask: Optional[Array] = None,
                cache: Optional[Cache] = None, *, segment_ids: Optional[Array] = None,
-               positions: Optional[Array] = None):
+               positions: Optional[Array] = None, last_logits_only: bool = False):
     """inputs_embeds [batch, seq, d_model]; attention_mask [batch, seq] (1 = token, 0 = padding).
 
     Packed rows (no cache): segment_ids int [batch, seq] (0 = padding, 1..n = the samples of a row) confine
     attention to each sample, and positions int [batch, seq] restart at 0 for each sample (RoPE); attention_mask
-    is then ignored. Returns logits [batch, seq, vocab], and the updated cache when one is given.
+    is then ignored. Returns logits [batch, seq, vocab] ([batch, 1, vocab] with last_logits_only: a prefill that
+    samples one token skips the LM head elsewhere), and the updated cache when one is given.
     """
     b, s, _ = inputs_embeds.shape
     padded = attention_mask is not None and segment_ids is None
@@ -153,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
     x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype),
                                    ('activation_batch', 'activation_length', 'activation_embed'))
     x, new_kv = self.layers(x, layer_cache, positions, mask, index, segment_ids)
-    x = self.norm(x)
+    x = self.norm(x[:, -1:] if last_logits_only else x)
     if self.config.tie_word_embeddings:
       logits = self.embed_tokens.attend(x)
     else:

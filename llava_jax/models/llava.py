@@ -69,7 +69,7 @@ class Llava(nn.Module):
   def __call__(self, input_ids: Array, pixel_values: Optional[Array] = None,
                attention_mask: Optional[Array] = None, cache: Optional[llama.Cache] = None, *,
                segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
-               image_valid: Optional[Array] = None):
+               image_valid: Optional[Array] = None, last_logits_only: bool = False):
     c = self.config
     slots = pixel_values is not None and pixel_values.ndim == 5
     if slots and image_valid is None:
@@ -88,7 +88,8 @@ class Llava(nn.Module):
       idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
       gathered = jnp.take_along_axis(features, idx[..., None], axis=1)
       embeds = jnp.where(is_image[..., None], gathered, embeds)
-    return self.language_model(embeds, attention_mask, cache, segment_ids=segment_ids, positions=positions)
+    return self.language_model(embeds, attention_mask, cache, segment_ids=segment_ids, positions=positions,
+                               last_logits_only=last_logits_only)
 
 
 def init_cache(config: LlavaConfig, batch: int, max_len: int, dtype=None) -> llama.Cache:

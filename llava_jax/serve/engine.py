@@ -81,7 +81,7 @@ def _admit(model, params, state, input_ids, attention_mask, pixel_values, rows, 
   t = state['mask'].shape[1]
   cache = init_cache(model.config, n, p)
   logits, cache = model.apply({'params': params}, input_ids, pixel_values, attention_mask=attention_mask,
-                              cache=cache)
+                              cache=cache, last_logits_only=True)
   slots = (state['index'] - p + jnp.arange(p)) % t  # the p slots just behind the write index
   keys = jax.vmap(jax.random.key)(seeds)
   first = _sample(model, logits[:, -1], keys, jnp.zeros((n,), jnp.int32), temperature, top_p)
