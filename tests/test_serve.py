@@ -182,6 +182,7 @@ def malformed_requests(root):
             (5, [{'type': 'audio', 'audio': 'x'}], [{'type': 'text'}], [{'type': 'text', 'text': 5}], [{'text': 'a'}],
              [{'type': 'image_url'}], [{'type': 'image_url', 'image_url': {}}], [5], {'type': 'text', 'text': 'a'})]
   cases += [(msg({'role': 'user', 'content': 'look: <image>'}), '<image>'),
+            (msg({'role': 'user', 'content': [{'type': 'text', 'text': '<im_patch> x'}]}), '<im_patch>'),
             (json.dumps({**ok, 'messages': [{'role': 'assistant', 'content': 'a'}]}), 'end with a user message'),
             (json.dumps({**ok, 'messages': ok['messages'] + [{'role': 'system', 'content': 'a'}]}), 'system'),
             (json.dumps({**ok, 'messages': [{'role': 'user', 'content': 'word ' * 200}]}), 'does not fit the context'),

@@ -45,7 +45,7 @@ def prepare(engine: Engine, conv: protocol.Conversation, *, max_tokens: int, tem
   template = conversation.get_template(im.template)
   if conv.system is not None:
     template = dataclasses.replace(template, system=conv.system)
-  ids = tokenize.tokenize_prompt(conv.turns, im.tokenizer, template, im.config.num_image_tokens)
+  ids = tokenize.tokenize_prompt(conv.turns, im.tokenizer, template, tokenize.ImageTokens.of(im.config))
   bucket = engine.bucket_for(len(ids))
   if bucket is None or bucket + max_tokens > engine.max_context:
     room = engine.max_context - (bucket or engine.max_context)

@@ -17,10 +17,12 @@ from typing import Annotated, Literal, Optional, Union
 import pydantic
 from PIL import Image
 
-from llava_jax.data import conversation
+from llava_jax.data import conversation, tokenize
 
 MAX_STOP = 4  # as OpenAI
 MAX_IMAGES = 1  # the model takes one image per conversation (the original's single `<image>`)
+# Image placeholders of every layout (tokenize.ImageTokens): typed into a message they would fake an image.
+RESERVED = (conversation.IMAGE_TOKEN, tokenize.IM_START, tokenize.IM_END, tokenize.IM_PATCH)
 
 
 class APIError(Exception):
@@ -152,9 +154,10 @@ def parse_messages(messages: list[Message], image_dir: Optional[str], limits: Li
     texts, has_image = [], False
     for j, part in enumerate(parts):
       if isinstance(part, TextPart):
-        if conversation.IMAGE_TOKEN in part.text:
-          raise APIError(400, f'{where}: text may not contain {conversation.IMAGE_TOKEN!r}; send images as '
-                         'image_url parts', param=f'{where}.content')
+        reserved = [t for t in RESERVED if t in part.text]
+        if reserved:
+          raise APIError(400, f'{where}: text may not contain {reserved[0]!r}; send images as image_url parts',
+                         param=f'{where}.content')
         texts.append(part.text)
       else:
         if m.role != 'user':
