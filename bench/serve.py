@@ -103,6 +103,24 @@ def run_level(client, engine, concurrency, requests, new_tokens):
           'dispatch': d.get('dispatch_s', 0) / wall, 'step_ms': 1000 * d.get('wait_s', 0) / max(d.get('steps', 0), 1)}
 
 
+def time_programs(engine, repeats: int = 3):
+  """(program, wall ms, CPU ms) of each compiled program, the best of `repeats`, with the engine idle."""
+  out = []
+  with engine.lock:  # the loop waits; nothing is in flight
+    progs = [(f'decode step, {n} of {engine.batch} rows', lambda n=n: engine.run_idle_step(n))
+             for n in engine.step_sizes]
+    progs += [(f'prefill, {n} prompts x {p} tokens', lambda n=n, p=p: engine.run_idle_prefill(n, p))
+              for p in engine.buckets for n in engine.prefill_sizes]
+    for name, fn in progs:
+      best = (float('inf'), float('inf'))
+      for _ in range(repeats):
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        fn()
+        best = min(best, (1000 * (time.perf_counter() - t0), 1000 * (cpu_seconds() - c0)))
+      out.append((name, *best))
+  return out
+
+
 def bench_hf(config, params, im, requests, new_tokens):
   """transformers generate at batch 1 in a loop (the original worker's way): -> (tokens/s, latency p50,
   tokens per CPU second)."""
@@ -177,6 +195,7 @@ def main(argv=None):
       rows.append(run_level(client, engine, c, reqs, args.new_tokens))
     print(f'  concurrency {c} done ({rows[-1]["wall"]:.1f}s)', flush=True)
   server.should_exit = True
+  programs = time_programs(engine)
   hf = None
   if args.hf_requests:
     import torch
@@ -196,6 +215,13 @@ def main(argv=None):
   if hf is not None:
     print(f'| transformers generate, batch-1 loop | {args.hf_requests} | {1 / hf[1]:.2f} | {hf[0]:.1f} | '
           f'{hf[2]:.1f} | {hf[0] / base:.1f}x | | {hf[1]:.2f} | | | | | | | |')
+
+
+  print('\nWhere the time goes: each compiled program alone (best of 3, engine idle)')
+  print('| program | wall ms | CPU ms |')
+  print('|---|---|---|')
+  for name, wall, cpu in programs:
+    print(f'| {name} | {wall:.0f} | {cpu:.0f} |')
 
 
 if __name__ == '__main__':

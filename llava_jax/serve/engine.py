@@ -203,25 +203,32 @@ class Engine:
     """Compiles every program (progress on `log`), then starts the loop thread."""
     t0 = time.time()
     self.state = _init_state(self.config, self.batch, self.max_context)
-    ids_of = lambda n, p: (np.full((n, p), self.pad_id, np.int32), np.ones((n, p), np.int32))
     programs = [(n, p) for p in self.buckets for n in self.prefill_sizes]
     for i, (n, p) in enumerate(programs):
-      ids, mask = ids_of(n, p)
-      # Rows = batch: every write is dropped; the state only passes through.
-      self.state, first = _admit(self.model, self.params, self.state, ids, mask,
-                                 np.broadcast_to(self.blank, (n, *self.blank.shape)),
-                                 np.full((n,), self.batch, np.int32), np.zeros((n,), np.int32),
-                                 np.zeros((n,), np.float32), np.ones((n,), np.float32))
-      first.block_until_ready()
+      self.run_idle_prefill(n, p)
       self.log(f'compiled prefill {i + 1}/{len(programs)} (batch {n}, prompt {p}) {time.time() - t0:.1f}s')
     for n in self.step_sizes:
-      self.state, tok = _step(self.model, self.params, self.state, rows=n)
-      tok.block_until_ready()
+      self.run_idle_step(n)
       self.log(f'compiled decode step (rows {n} of {self.batch}, context {self.max_context}) '
                f'{time.time() - t0:.1f}s')
     self.thread = threading.Thread(target=self._loop, name='engine', daemon=True)
     self.thread.start()
     self.ready.set()
+
+  def run_idle_prefill(self, n: int, p: int):
+    """Runs the prefill program of n prompts of length p with every write dropped (rows = batch): compiles it,
+    or times it. Only while the loop is idle (start-up, or holding `lock` with no request in flight)."""
+    ids, mask = np.full((n, p), self.pad_id, np.int32), np.ones((n, p), np.int32)
+    self.state, first = _admit(self.model, self.params, self.state, ids, mask,
+                               np.broadcast_to(self.blank, (n, *self.blank.shape)),
+                               np.full((n,), self.batch, np.int32), np.zeros((n,), np.int32),
+                               np.zeros((n,), np.float32), np.ones((n,), np.float32))
+    first.block_until_ready()
+
+  def run_idle_step(self, n: int):
+    """Runs the decode program over the first n rows (as run_idle_prefill: only while no request is in flight)."""
+    self.state, tok = _step(self.model, self.params, self.state, rows=n)
+    tok.block_until_ready()
 
   def shutdown(self):
     with self.lock:
