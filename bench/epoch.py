@@ -19,7 +19,8 @@ bench/train_step.py (ViT 4x256 @112px = 64 image tokens, LLaMA 4x512, vocab 8192
   (c) transformers' LlavaForConditionalGeneration (torch, CPU), 8 samples per step, each batch padded to its
       longest sample, the order from LLaVA-1.5's group_by_modality_length as an 8-device run sees it
       (megabatch 64 = 8 x 8, each step one device's chunk).
-Epoch time excludes our ahead-of-time compilation (printed apart). real tokens/s = non-padding tokens / epoch
+Epoch time is the steps' time: it excludes our ahead-of-time compilation and reading the batches (each side's
+batches are made before the clock starts; printed apart). real tokens/s = non-padding tokens / epoch
 time, the same token count for all three. The machine is shared: the load average is printed, and CPU s (user +
 sys of all threads) is the figure least moved by other processes; compare ratios from one invocation. Under load
 set OMP_WAIT_POLICY=PASSIVE (torch's spinning OpenMP threads, see bench/README.md).
@@ -186,16 +187,21 @@ def epoch_ours(setup, params, pipeline) -> dict:
   from llava_jax.train import setup as setup_lib
   state, frozen = setup_lib.init_state(setup, params)
   keys = setup.abstract_batch.keys()
+  # The batches are read first, as torch's are built first: the epoch time is the steps' (the original overlaps
+  # loading with its DataLoader workers; ours with worker processes); reading is printed apart.
+  t = time.perf_counter()
+  batches = [{k: local[k] for k in keys} for local in pipeline]
+  load_s = time.perf_counter() - t
   r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-  steps, loss = 0, None
-  for local in pipeline:
-    state, m = setup.step(state, frozen, setup_lib.make_global_batch(setup, {k: local[k] for k in keys}))
-    loss, steps = m['loss'], steps + 1
+  loss = None
+  for local in batches:
+    state, m = setup.step(state, frozen, setup_lib.make_global_batch(setup, local))
+    loss = m['loss']
   float(loss)
   t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
   s = pipeline.stats()
-  return dict(time=t1 - t0, cpu=r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, steps=steps,
-              slots=s['tokens'], real=s['tokens'] - s['pad_tokens'], samples=s['samples'])
+  return dict(time=t1 - t0, cpu=r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, steps=len(batches),
+              slots=s['tokens'], real=s['tokens'] - s['pad_tokens'], samples=s['samples'], load=load_s)
 
 
 def epoch_torch(step, chunks, samples, config) -> dict:
@@ -280,7 +286,8 @@ def timed_runs(a) -> None:
       pipe = make_pipeline(data_dir, global_batch_size=gb, packing=packing, row_length=a.row_length,
                            max_images_per_row=a.max_images_per_row, **args)
       results[name] = epoch_ours(setup, params, pipe)
-      print(f'{name}: {results[name]["time"]:.1f} s, load average {os.getloadavg()[0]:.1f}', flush=True)
+      print(f'{name}: {results[name]["time"]:.1f} s (+ {results[name]["load"]:.1f} s reading the batches first), '
+            f'load average {os.getloadavg()[0]:.1f}', flush=True)
     if not a.no_torch:
       step, _, threads = train_step.torch_trainer(config, targs, params)
       _, chunks = padded_to_longest(real_lengths, images, batch, seed=a.seed)
