@@ -25,6 +25,10 @@ ALL_TRAINABLE = (('.*', True),)
 # LLaVA on today's LLMs: model preset -> the chat template its LLM was tuned with (stage 2).
 FAMILY_PRESETS = {'llava_mistral_7b': 'mistral_instruct', 'llava_llama3_8b': 'llama_3', 'llava_llama31_8b': 'llama_3',
                   'llava_qwen2_0_5b': 'qwen_2', 'llava_qwen2_1_5b': 'qwen_2', 'llava_qwen2_7b': 'qwen_2'}
+# LoRA (train.lora.r > 0): the factors and the projector train, every base weight stays frozen.
+LORA_TRAINABLE = (('lora/.*', True), ('projector/.*', True), ('.*', False))
+# The original's find_all_linear_names: every Linear of the LLM except lm_head (q/k/v/o, gate/up/down).
+LORA_TARGETS = 'language_model/layers/.+/kernel'
 
 
 def parse_arg(arg, **defaults):
@@ -102,6 +106,9 @@ def stage_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       grad_accum_steps=1,
       nan_policy='stop',             # 'stop': raise naming the step; 'skip': drop that update and go on
       max_skipped_steps=10,          # with 'skip', stop after this many non-finite steps in a row
+      # LoRA (llava_jax/models/lora.py): r = 0 off. targets: regex over kernel paths (the LLM's only).
+      # base_bits 8 | 4: the frozen targeted kernels stored int8 | nf4 (QLoRA); 0: in the compute dtype.
+      lora=ml_collections.ConfigDict(dict(r=0, alpha=16.0, dropout=0.0, targets=LORA_TARGETS, base_bits=0)),
   ))
 
   # HF Trainer defaults as used by the original scripts (AdamW, betas 0.9/0.999, eps 1e-8, max_grad_norm 1).
@@ -116,10 +123,12 @@ def stage_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       vision_from=placeholder(str),     # HF CLIP dir or an exported model dir
       llm_from=placeholder(str),        # HF LLaMA/Vicuna dir or an exported model dir
       allow_random_frozen=False,        # a frozen module nobody initialises is an error unless this is set
+      adapter_dir=placeholder(str),     # a PEFT LoRA adapter dir (its factors and projector), with train.lora.r
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
-  c.export = ml_collections.ConfigDict(dict(model=True, hf_dir=placeholder(str)))
+  # hf_dir: the HF LLaVA, LoRA merged in; peft_dir: a PEFT adapter (LoRA factors + projector) for the HF base.
+  c.export = ml_collections.ConfigDict(dict(model=True, hf_dir=placeholder(str), peft_dir=placeholder(str)))
   c.log = ml_collections.ConfigDict(dict(every_steps=10, peak_tflops=placeholder(float), tensorboard=True))
   c.lock()
   return c

@@ -10,6 +10,9 @@ the paper used 32), llava15_7b, llava15_13b (LLaVA-1.5: mix665k, 1 epoch, batch 
 length grouping), the LLaVA-1.5 recipe on other LLMs (common.FAMILY_PRESETS, each with its LLM's chat template),
 tiny (tests). Args im_start_end / im_patch_token as in stage1_pretrain.py. All: lr 2e-5, cosine, warmup 0.03,
 template vicuna_v1 unless the LLM has its own.
+`<variant>_lora` (e.g. llava15_7b_lora, llava15_13b_lora, tiny_lora): the original's finetune_lora.sh: LoRA r 128,
+alpha 256, dropout 0.05 on every Linear of the LLM but lm_head, lr 2e-4, projector lr 2e-5; the projector trains
+fully, every base weight stays frozen. QLoRA: add --config.train.lora.base_bits=4 (or 8).
 
 Packed rows (data.packing; `--config.data.packing=False` for the original's one sample per row): rows of 4096
 tokens with 5 image slots; on the mix665k-like distribution of bench/epoch.py that is 4.63 samples per row, 5.4%
@@ -33,9 +36,12 @@ PACKED_ROW_LENGTH, PACKED_IMAGES_PER_ROW = 4096, 5
 
 def get_config(arg=None):
   a = common.parse_arg(arg, variant='llava15_7b', im_start_end=False, im_patch_token=False)
-  if a['variant'] not in RECIPE:
-    raise ValueError(f'variant {a["variant"]!r}; allowed: {sorted(RECIPE)}')
-  preset, epochs, batch, aspect, group, rows = RECIPE[a['variant']]
+  variant = a['variant']
+  lora = variant.endswith('_lora')
+  variant = variant[:-len('_lora')] if lora else variant
+  if variant not in RECIPE:
+    raise ValueError(f'variant {a["variant"]!r}; allowed: {sorted(RECIPE)}, each also with _lora')
+  preset, epochs, batch, aspect, group, rows = RECIPE[variant]
   c = common.stage_config(preset)
   c.data.template = common.FAMILY_PRESETS.get(preset, 'vicuna_v1')  # Vicuna's; llava_llama_2 for LLaMA-2-chat
   c.data.global_batch_size = batch
@@ -49,6 +55,13 @@ def get_config(arg=None):
   common.image_layout(c, a['im_start_end'], a['im_patch_token'])
   c.optim.lr = 2e-5
   c.optim.warmup_ratio = 0.03
-  if a['variant'] == 'tiny':
+  if lora:
+    c.train.trainable = common.LORA_TRAINABLE
+    c.train.lora.update(dict(r=128, alpha=256.0, dropout=0.05))
+    c.optim.lr = 2e-4
+    c.optim.projector_lr = 2e-5
+  if variant == 'tiny':
     c.data.max_length = 64
+    if lora:  # r 128 exceeds the tiny model's widths
+      c.train.lora.update(dict(r=4, alpha=8.0))
   return c

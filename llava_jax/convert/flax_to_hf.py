@@ -37,6 +37,14 @@ def _projector_tensors(config: LlavaConfig, host, dtype: np.dtype) -> list[Tenso
                   TensorOut(p + 'linear_2.bias', (d,), dtype, lambda: np.zeros((d,), dtype))]
 
 
+def projector_tensors(config: LlavaConfig, host, dtype: np.dtype, shapes: dict) -> list[TensorOut]:
+  """The projector as HF's `multi_modal_projector.*` tensors (hub names); `host(path)` gives our arrays."""
+  if config.projector != 'mlp2x_gelu':
+    return _projector_tensors(config, host, dtype)
+  return [TensorOut(e.hf, e.hf_shape, dtype, lambda e=e: layout.to_hf(e.kind, host(e.path)))
+          for e in layout.projector_entries(config, shapes)]
+
+
 def export_hf_llava(out_dir: str, config: LlavaConfig, params, tokenizer=None, dtype: Optional[str] = None,
                     max_shard_bytes: int = 5 * 2**30, log: Optional[Callable[[str], None]] = None) -> list[str]:
   """Write `config.json` + safetensors (+ the tokenizer and a LlavaProcessor when `tokenizer` is given).

@@ -161,7 +161,7 @@ class TensorOut:
   produce: Callable[[], np.ndarray]
 
 
-def _write_one(path: str, tensors: list[TensorOut], metadata: dict) -> None:
+def write_one(path: str, tensors: list[TensorOut], metadata: dict) -> None:
   header, offset = {'__metadata__': metadata}, 0
   for t in tensors:
     if t.dtype not in _NAMES:
@@ -204,7 +204,7 @@ def write_safetensors(out_dir: str, tensors: list[TensorOut], max_shard_bytes: i
     names = [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
   for name, shard in zip(names, shards):
     log(f'writing {name} ({len(shard)} tensors)')
-    _write_one(os.path.join(out_dir, name), shard, metadata)
+    write_one(os.path.join(out_dir, name), shard, metadata)
   if len(shards) > 1:
     total = sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors)
     index = {'metadata': {'total_size': total},

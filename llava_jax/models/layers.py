@@ -12,8 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.config import REMAT_POLICIES
+from llava_jax.models.lora import LoraSpec
 
 Array = jax.Array
 
@@ -30,7 +33,8 @@ class Dense(nn.Module):
   """y = x . kernel (+ bias) contracting `axis` of x with the leading dims of the kernel.
 
   The kernel is created at its full shape `[*contracted, *features]` so that its logical axis names
-  (`axes`, one per kernel dim) hold at init and under any mesh.
+  (`axes`, one per kernel dim) hold at init and under any mesh. With `lora` (models/lora.py) a targeted layer adds
+  (alpha / r) (dropout(x) A) B from the `lora` collection; a kernel stored as a qwix.QArray is dequantized.
   """
   features: tuple
   axes: tuple
@@ -39,22 +43,24 @@ class Dense(nn.Module):
   use_bias: bool = False
   axis: tuple = (-1,)
   bias_axes: Optional[tuple] = None
+  lora: Optional[LoraSpec] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     axis = tuple(a % x.ndim for a in self.axis)
     in_shape = tuple(x.shape[a] for a in axis)
-    kernel = self.param('kernel', logical_init(nn.initializers.normal(0.02), self.axes),
-                        in_shape + tuple(self.features), self.param_dtype)
-    x, k = x.astype(self.dtype), kernel.astype(self.dtype)
-    if axis == tuple(range(x.ndim - len(axis), x.ndim)):
-      # Contracting trailing dims: one 2-D matmul [tokens, in] x [in, out]. With several leading dims, XLA:CPU
-      # computes the weight gradient from a transposed copy of the output gradient.
-      lead = x.shape[:x.ndim - len(axis)]
-      y = jnp.dot(x.reshape(math.prod(lead), -1), k.reshape(math.prod(in_shape), -1))
-      y = y.reshape(*lead, *self.features)
+    stored = self.get_variable('params', 'kernel') if self.has_variable('params', 'kernel') else None
+    if isinstance(stored, qwix.QArray):  # QLoRA: a frozen base kernel stored quantized (models/lora.py)
+      kernel = lora_lib.dequantize(stored)
     else:
-      y = jax.lax.dot_general(x, k, ((axis, tuple(range(len(axis)))), ((), ())))
+      kernel = self.param('kernel', logical_init(nn.initializers.normal(0.02), self.axes),
+                          in_shape + tuple(self.features), self.param_dtype)
+    x = x.astype(self.dtype)
+    y = _contract(x, kernel.astype(self.dtype), axis, tuple(self.features))
+    if self.lora is not None:
+      factors = self._lora_factors(in_shape, len(axis))
+      if factors is not None:
+        y = y + self._lora_delta(x, axis, *factors)
     if self.use_bias:
       bias_axes = self.bias_axes if self.bias_axes is not None else self.axes[len(axis):]
       bias = self.param('bias', logical_init(nn.initializers.zeros_init(), bias_axes), tuple(self.features),
@@ -62,13 +68,50 @@ class Dense(nn.Module):
       y = y + bias.astype(self.dtype)
     return y
 
+  def _lora_factors(self, in_shape: tuple, n_in: int):
+    """(A [*in, r], B [r, *out]) of this layer, created at init when `lora.targets` names its kernel; else None."""
+    spec = self.lora
+    if not (self.has_variable(lora_lib.COLLECTION, 'a') or
+            (self.is_initializing() and spec.targets_module(self.path))):
+      return None
+    bound = 1.0 / math.sqrt(math.prod(in_shape))  # peft's kaiming_uniform(a=sqrt(5)) on A
+    init_a = lambda: nn.LogicallyPartitioned(
+        jax.random.uniform(self.make_rng('params'), in_shape + (spec.rank,), self.param_dtype, -bound, bound),
+        self.axes[:n_in] + (None,))
+    init_b = lambda: nn.LogicallyPartitioned(jnp.zeros((spec.rank,) + tuple(self.features), self.param_dtype),
+                                             (None,) + self.axes[n_in:])
+    a = nn.meta.unbox(self.variable(lora_lib.COLLECTION, 'a', init_a).value)
+    b = nn.meta.unbox(self.variable(lora_lib.COLLECTION, 'b', init_b).value)
+    return a, b
 
-def dense(features, axes, *, name, dtype, param_dtype, use_bias=False, axis=-1, bias_axes=None):
+  def _lora_delta(self, x: Array, axis: tuple, a: Array, b: Array) -> Array:
+    """(alpha / r) (dropout(x) A) B; dropout only when a 'dropout' rng is given (training)."""
+    p = self.lora.dropout
+    if p > 0 and self.has_rng('dropout'):
+      keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - p, x.shape)
+      x = jnp.where(keep, x / (1.0 - p), 0.0).astype(x.dtype)
+    u = _contract(x, a.astype(self.dtype), axis, (a.shape[-1],))
+    return _contract(u, b.astype(self.dtype), (u.ndim - 1,), tuple(self.features)) * self.lora.scale
+
+
+def _contract(x: Array, k: Array, axis: tuple, features: tuple) -> Array:
+  """x contracted over `axis` with the leading dims of k [*contracted, *features]."""
+  if axis == tuple(range(x.ndim - len(axis), x.ndim)):
+    # Contracting trailing dims: one 2-D matmul [tokens, in] x [in, out]. With several leading dims, XLA:CPU
+    # computes the weight gradient from a transposed copy of the output gradient.
+    lead = x.shape[:x.ndim - len(axis)]
+    in_size = math.prod(k.shape[:len(axis)])
+    y = jnp.dot(x.reshape(math.prod(lead), -1), k.reshape(in_size, -1))
+    return y.reshape(*lead, *features)
+  return jax.lax.dot_general(x, k, ((axis, tuple(range(len(axis)))), ((), ())))
+
+
+def dense(features, axes, *, name, dtype, param_dtype, use_bias=False, axis=-1, bias_axes=None, lora=None):
   """Dense layer whose kernel (and bias) carry logical axis names."""
   features = features if isinstance(features, tuple) else (features,)
   axis = axis if isinstance(axis, tuple) else (axis,)
   return Dense(features, tuple(axes), dtype, param_dtype, use_bias, axis,
-               tuple(bias_axes) if bias_axes is not None else None, name=name)
+               tuple(bias_axes) if bias_axes is not None else None, lora, name=name)
 
 
 class RMSNorm(nn.Module):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from llava_jax.models.config import LlamaConfig
 from llava_jax.models.layers import RMSNorm, attention, dense, logical_init, maybe_remat, rope, rope_inv_freq, swiglu
+from llava_jax.models.lora import COLLECTION as LORA, LoraSpec
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -50,19 +51,20 @@ class LlamaBlock(nn.Module):
   config: LlamaConfig
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  lora: Optional[LoraSpec] = None
 
   @nn.compact
   def __call__(self, x: Array, layer_cache: Optional[Cache], positions: Array, mask: Optional[Array],
                cache_index: Optional[Array], segment_ids: Optional[Array]):
-    c, dt, pdt = self.config, self.dtype, self.param_dtype
+    c, dt, pdt, lo = self.config, self.dtype, self.param_dtype, self.lora
     nh, nkv, hd = c.num_heads, c.num_kv_heads, c.dim_per_head
     h = RMSNorm(c.rms_norm_eps, dt, pdt, name='input_layernorm')(x)
     q = dense((nh, hd), ('embed', 'q_heads', 'head_dim'), name='q_proj', dtype=dt, param_dtype=pdt,
-              use_bias=c.qkv_bias)(h)
+              use_bias=c.qkv_bias, lora=lo)(h)
     k = dense((nkv, hd), ('embed', 'kv_heads', 'head_dim'), name='k_proj', dtype=dt, param_dtype=pdt,
-              use_bias=c.qkv_bias)(h)
+              use_bias=c.qkv_bias, lora=lo)(h)
     v = dense((nkv, hd), ('embed', 'kv_heads', 'head_dim'), name='v_proj', dtype=dt, param_dtype=pdt,
-              use_bias=c.qkv_bias)(h)
+              use_bias=c.qkv_bias, lora=lo)(h)
     inv_freq = text_inv_freq(c)
     q = rope(q, positions, inv_freq)
     k = rope(k, positions, inv_freq)
@@ -76,13 +78,13 @@ class LlamaBlock(nn.Module):
     # Without a cache: causal self-attention (within segments when packed); with one, `mask` says it all.
     o = attention(q, k, v, mask, is_causal=layer_cache is None, segment_ids=segment_ids)
     o = dense(c.hidden_size, ('q_heads', 'head_dim', 'embed'), name='o_proj', dtype=dt, param_dtype=pdt,
-              axis=(-2, -1))(o)
+              axis=(-2, -1), lora=lo)(o)
     x = x + o
     h = RMSNorm(c.rms_norm_eps, dt, pdt, name='post_attention_layernorm')(x)
-    gate = dense(c.intermediate_size, ('embed', 'mlp'), name='gate_proj', dtype=dt, param_dtype=pdt)(h)
-    up = dense(c.intermediate_size, ('embed', 'mlp'), name='up_proj', dtype=dt, param_dtype=pdt)(h)
+    gate = dense(c.intermediate_size, ('embed', 'mlp'), name='gate_proj', dtype=dt, param_dtype=pdt, lora=lo)(h)
+    up = dense(c.intermediate_size, ('embed', 'mlp'), name='up_proj', dtype=dt, param_dtype=pdt, lora=lo)(h)
     h = nn.with_logical_constraint(swiglu(gate, up), ('activation_batch', 'activation_length', 'activation_mlp'))
-    h = dense(c.hidden_size, ('mlp', 'embed'), name='down_proj', dtype=dt, param_dtype=pdt)(h)
+    h = dense(c.hidden_size, ('mlp', 'embed'), name='down_proj', dtype=dt, param_dtype=pdt, lora=lo)(h)
     x = x + h
     x = nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))
     return x, new_kv
@@ -94,19 +96,21 @@ class LlamaForCausalLM(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat_policy: str = 'none'
+  lora: Optional[LoraSpec] = None   # LoRA factors (the `lora` collection) on the Dense layers it targets
 
   def setup(self):
     c = self.config
     self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                  embedding_init=logical_init(nn.initializers.normal(0.02), ('vocab', 'embed')))
     block = maybe_remat(LlamaBlock, self.remat_policy)
-    self.layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+    self.layers = nn.scan(block, variable_axes={'params': 0, LORA: 0}, split_rngs={'params': True, 'dropout': True},
                           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
-                          metadata_params={nn.PARTITION_NAME: 'layers'})(c, self.dtype, self.param_dtype)
+                          metadata_params={nn.PARTITION_NAME: 'layers'})(c, self.dtype, self.param_dtype,
+                                                                          self.lora)
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
     if not c.tie_word_embeddings:
       self.lm_head = dense(c.vocab_size, ('embed', 'vocab'), name='lm_head', dtype=self.dtype,
-                           param_dtype=self.param_dtype)
+                           param_dtype=self.param_dtype, lora=self.lora)
 
   def embed(self, input_ids: Array) -> Array:
     """input_ids [batch, seq] -> [batch, seq, d_model] in compute dtype."""

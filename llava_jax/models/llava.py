@@ -13,6 +13,7 @@ from llava_jax.models.clip import CLIPVisionTower
 from llava_jax.models.config import LlavaConfig
 from llava_jax.models.layers import dtype_of
 from llava_jax.models.llama import LlamaForCausalLM
+from llava_jax.models.lora import COLLECTION as LORA, LoraSpec
 from llava_jax.models.projector import Projector
 
 Array = jax.Array
@@ -52,15 +53,17 @@ class Llava(nn.Module):
   [batch, slots]; image j of a row fills the j-th run of N image tokens of that row (packed rows, multi-image
   samples). Packed rows also give segment_ids and positions (see LlamaForCausalLM).
   Returns logits [batch, seq, vocab] (and the new cache when `cache` is given).
+  `lora`: LoRA on the decoder's Dense layers it targets (models/lora.py; apply with `lora.variables(params)`).
   """
   config: LlavaConfig
+  lora: Optional[LoraSpec] = None
 
   def setup(self):
     c = self.config
     dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
     self.vision_tower = CLIPVisionTower(c.vision, dt, pdt, c.remat_policy)
     self.projector = Projector(c.projector, c.text.hidden_size, dt, pdt)
-    self.language_model = LlamaForCausalLM(c.text, dt, pdt, c.remat_policy)
+    self.language_model = LlamaForCausalLM(c.text, dt, pdt, c.remat_policy, self.lora)
 
   def encode_images(self, pixel_values: Array) -> Array:
     """pixel_values [batch, H, W, 3] -> image_features [batch, N, d_model]."""
@@ -101,19 +104,23 @@ def _dummy_inputs(config: LlavaConfig, batch: int = 1):
   return (jnp.zeros((batch, 4), jnp.int32), jnp.zeros((batch, v.image_size, v.image_size, 3), jnp.float32))
 
 
-def init_params(config: LlavaConfig, rng: Array, boxed: bool = False):
-  """Random params as a plain pytree {'vision_tower', 'projector', 'language_model'} (boxed=True keeps axis names)."""
+def init_params(config: LlavaConfig, rng: Array, boxed: bool = False, lora: Optional[LoraSpec] = None):
+  """Random params as a plain pytree {'vision_tower', 'projector', 'language_model'} (boxed=True keeps axis names),
+  with `lora` also {'lora': factors} (A random, B zero)."""
   ids, pix = _dummy_inputs(config)
-  params = Llava(config).init(rng, ids, pix)['params']
+  variables = Llava(config, lora).init(rng, ids, pix)
+  params = dict(variables['params'])
+  if LORA in variables:
+    params[LORA] = variables[LORA]
   return params if boxed else nn.meta.unbox(params)
 
 
-def abstract_params(config: LlavaConfig):
+def abstract_params(config: LlavaConfig, lora: Optional[LoraSpec] = None):
   """ShapeDtypeStructs of the params, without allocating them."""
-  return nn.meta.unbox(jax.eval_shape(lambda r: init_params(config, r, boxed=True), jax.random.key(0)))
+  return nn.meta.unbox(jax.eval_shape(lambda r: init_params(config, r, boxed=True, lora=lora), jax.random.key(0)))
 
 
-def param_logical_axes(config: LlavaConfig):
+def param_logical_axes(config: LlavaConfig, lora: Optional[LoraSpec] = None):
   """Pytree (same structure as params) of PartitionSpecs over logical axis names."""
-  boxed = jax.eval_shape(lambda r: init_params(config, r, boxed=True), jax.random.key(0))
+  boxed = jax.eval_shape(lambda r: init_params(config, r, boxed=True, lora=lora), jax.random.key(0))
   return nn.get_partition_spec(boxed)

@@ -11,6 +11,7 @@ checkpoint initialises) and paths.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any, Callable, Optional
@@ -18,6 +19,7 @@ from typing import Any, Callable, Optional
 from llava_jax import sharding
 from llava_jax.data.conversation import TEMPLATES
 from llava_jax.data.image import ASPECTS
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.config import LlavaConfig
 from llava_jax.models.llava import abstract_params
 from llava_jax.train import partition
@@ -52,6 +54,14 @@ def _mesh_shape(v) -> Optional[str]:
   return 'at most one entry may be -1' if list(v).count(-1) > 1 else None
 
 
+def _regex_error(v) -> Optional[str]:
+  try:
+    re.compile(v)
+  except re.error as e:
+    return f'bad regex: {e}'
+  return None
+
+
 def _rules(v) -> Optional[str]:
   for rule in v:
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
@@ -80,6 +90,11 @@ STAGE_CHECKS: dict[str, Check] = {
     'train.grad_accum_steps': positive,
     'train.nan_policy': choice(('stop', 'skip')),
     'train.max_skipped_steps': non_negative,
+    'train.lora.r': non_negative,
+    'train.lora.alpha': positive,
+    'train.lora.dropout': ratio,
+    'train.lora.targets': lambda v: _regex_error(v),
+    'train.lora.base_bits': choice((0, 8, 4)),
     'optim.lr': positive,
     'optim.projector_lr': positive,
     'optim.weight_decay': non_negative,
@@ -100,7 +115,8 @@ STAGE_CHECKS: dict[str, Check] = {
 REQUIRED = ('data.train_dir', 'data.tokenizer')  # placeholders a stage cannot run without
 # Paths that must exist: 'dir' or 'any' (file or directory).
 STAGE_PATHS = {'data.train_dir': 'dir', 'data.tokenizer': 'any', 'init.model_from': 'any',
-               'init.projector_from': 'any', 'init.vision_from': 'any', 'init.llm_from': 'any'}
+               'init.projector_from': 'any', 'init.vision_from': 'any', 'init.llm_from': 'any',
+               'init.adapter_dir': 'dir'}
 
 
 def lookup(config, key: str, default=None):
@@ -151,6 +167,56 @@ def model_config(config) -> LlavaConfig:
   return LlavaConfig.from_dict(config.model.to_dict())
 
 
+def lora_spec(config) -> Optional[lora_lib.LoraSpec]:
+  """The config's `train.lora` as the models' LoraSpec; None when r = 0 (or the section is absent)."""
+  lo = lookup(config, 'train.lora')
+  if lo is None or not lo.r:
+    return None
+  return lora_lib.LoraSpec(rank=int(lo.r), alpha=float(lo.alpha), dropout=float(lo.dropout), targets=lo.targets)
+
+
+def lora_errors(mc: LlavaConfig, spec: lora_lib.LoraSpec, rules, prefix: str = '') -> list[str]:
+  """What keeps `spec` from training on the model: targets matching nothing or outside the LLM, a rank above a
+  layer's width, stage rules that would train a LoRA'd base kernel or leave a factor frozen."""
+  shapes = partition.flatten(abstract_params(mc, spec))
+  factors = lora_lib.factor_paths(partition.unflatten(shapes))
+  key = f'{prefix}train.lora.targets={spec.targets!r}'
+  if not factors:
+    return [f'{key} matches no Dense kernel of the model (kernel paths look like '
+            'language_model/layers/q_proj/kernel; lm_head is language_model/lm_head/kernel)']
+  outside = [k for k in shapes if k.endswith('/kernel') and k not in factors and re.fullmatch(spec.targets, k)]
+  errors = [f'{key} matches {outside[0]}: LoRA applies to the LLM (language_model/...) only'] if outside else []
+  for kernel, fp in factors.items():
+    a, b = shapes[fp + '/a'], shapes[fp + '/b']
+    lead, n_in, _ = lora_lib.kernel_dims(shapes[kernel].shape, a.shape, b.shape)
+    fan_in, fan_out = math.prod(a.shape[lead:-1]), math.prod(b.shape[lead + 1:])
+    if spec.rank > min(fan_in, fan_out):
+      errors.append(f'{prefix}train.lora.r={spec.rank} exceeds the dimensions of {kernel} (in {fan_in}, out '
+                    f'{fan_out}); use r <= {min(fan_in, fan_out)} or leave that layer out of train.lora.targets')
+      break
+  try:
+    mask = partition.trainable_paths(partition.unflatten(shapes), rules)
+  except ValueError as e:
+    return errors + [f'{prefix}train.trainable: {e}']
+  trained = [k for k in factors if mask[k]]
+  if trained:
+    errors.append(f'{prefix}train.trainable trains {trained[0]} (and {len(trained) - 1} more), which '
+                  'train.lora targets: with LoRA the base stays frozen; use configs/common.LORA_TRAINABLE')
+  frozen = [k for k, t in mask.items() if k.startswith(lora_lib.COLLECTION + '/') and not t]
+  if frozen:
+    errors.append(f'{prefix}train.trainable freezes the LoRA factor {frozen[0]}; start the rules with '
+                  "('lora/.*', True)")
+  return errors
+
+
+def _lora_config_errors(config, mc: LlavaConfig, prefix: str) -> list[str]:
+  spec = lora_spec(config)
+  if spec is None:
+    unused = [k for k in ('train.lora.base_bits', 'init.adapter_dir', 'export.peft_dir') if lookup(config, k)]
+    return [f'{prefix}{k}={lookup(config, k)!r} needs LoRA: set train.lora.r > 0' for k in unused]
+  return lora_errors(mc, spec, config.train.trainable, prefix)
+
+
 def stage_errors(config, *, num_devices: int, process_count: int = 1, prefix: str = '', check_paths: bool = True,
                  produced_under: Optional[str] = None) -> list[str]:
   """All problems of one stage config as messages naming their keys (empty list = valid)."""
@@ -180,6 +246,8 @@ def stage_errors(config, *, num_devices: int, process_count: int = 1, prefix: st
     if config.optim.projector_lr is not None and not any(
         re.fullmatch(r, 'projector/linear_1/kernel') and t for r, t in config.train.trainable):
       errors.append(f'{prefix}optim.projector_lr is set but train.trainable freezes the projector')
+    if ok('train.lora.r', 'train.lora.targets', 'train.lora.base_bits'):
+      errors += _lora_config_errors(config, mc, prefix)
     errors += _random_frozen_errors(config, mc, prefix)
     errors += _start_end_errors(config, mc, prefix)
   if check_paths:

@@ -10,7 +10,7 @@ initialize_vision_tokenizer sets them.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +26,19 @@ SOURCES = (('model_from', model_dir.MODULES), ('vision_from', ('vision_tower',))
 VOCAB_LEAVES = ('language_model/embed_tokens/embedding', 'language_model/lm_head/kernel')
 
 
-def random_split(model_config: LlavaConfig, mask, abstract_trainable, abstract_frozen, seed: int):
-  """(trainable fp32, frozen in compute dtype) random params, created directly in their shardings."""
+def random_split(model_config: LlavaConfig, mask, abstract_trainable, abstract_frozen, seed: int, lora=None,
+                 skip=()):
+  """(trainable fp32, frozen in compute dtype) random params, created directly in their shardings. Leaves of the
+  modules in `skip` (to be loaded from checkpoints) are left out, except the vocabulary rows a checkpoint may not
+  fill (VOCAB_LEAVES): XLA then never computes them, so a big frozen base is never held twice."""
+  keep = lambda path: not path.startswith(tuple(m + '/' for m in skip)) or path in VOCAB_LEAVES
+  sub = lambda tree: partition.unflatten({k: v for k, v in partition.flatten(tree).items() if keep(k)})
+  abstract_trainable, abstract_frozen = sub(abstract_trainable), sub(abstract_frozen)
   shardings = jax.tree.map(lambda a: a.sharding, (abstract_trainable, abstract_frozen))
 
   def make(key):
-    trainable, frozen = partition.split(init_params(model_config, key), mask)
-    cast = lambda tree, ab: jax.tree.map(lambda x, a: x.astype(a.dtype), tree, ab)
+    trainable, frozen = partition.split(init_params(model_config, key, lora=lora), mask)
+    cast = lambda tree, ab: jax.tree.map(lambda x, a: x.astype(a.dtype), sub(tree), ab)
     return cast(trainable, abstract_trainable), cast(frozen, abstract_frozen)
 
   return jax.jit(make, out_shardings=shardings)(jax.random.key(seed))
@@ -59,39 +65,68 @@ def _place(value, target, path: str, source: str, mean_rows: bool = False):
   return jax.device_put(value.astype(target.dtype), target.sharding)
 
 
+def _load_adapter(path: str, model_config: LlavaConfig, lora, flat_t: dict, targets: dict) -> None:
+  """A PEFT adapter's factors (and projector, when it has one) into the trainable leaves."""
+  from llava_jax.convert import peft as peft_io
+  adapter = peft_io.read_adapter(path, model_config)
+  lora_shapes = partition.unflatten({k[len('lora/'):]: v for k, v in targets.items() if k.startswith('lora/')})
+  peft_io.check_matches(adapter, lora, lora_shapes, f'init.adapter_dir={path}')
+  loaded = {f'lora/{k}': v for k, v in partition.flatten(adapter.lora).items()}
+  if adapter.projector is not None:
+    loaded.update({f'projector/{k}': v for k, v in partition.flatten(adapter.projector).items()})
+  for k, v in loaded.items():
+    if k not in flat_t:
+      raise ValueError(f'init.adapter_dir={path}: {k} is frozen by train.trainable; the adapter trains it')
+    flat_t[k] = _place(v, flat_t[k], k, f'init.adapter_dir={path}')
+
+
 def initial_params(init, model_config: LlavaConfig, mask, abstract_trainable, abstract_frozen, seed: int,
-                   log: Callable[[str], None] = print):
-  """`init`: the config's `init` section. Returns (trainable, frozen) placed on the mesh."""
-  trainable, frozen = random_split(model_config, mask, abstract_trainable, abstract_frozen, seed)
+                   log: Callable[[str], None] = print, lora=None, quantize: Optional[Callable] = None):
+  """`init`: the config's `init` section. Returns (trainable, frozen) placed on the mesh.
+
+  `lora`: the LoraSpec whose factors start random (A) and zero (B) unless `init.adapter_dir` gives them;
+  `quantize(path, kernel)`: a frozen kernel -> its stored form (QLoRA), applied as each one is loaded.
+  """
+  sources = [(key, modules) for key, modules in SOURCES if init[key] is not None]
+  covered = {m for _, modules in sources for m in modules}
+  trainable, frozen = random_split(model_config, mask, abstract_trainable, abstract_frozen, seed, lora, covered)
   flat_t, flat_f = partition.flatten(trainable), partition.flatten(frozen)
-  loaded, vocab_rows = set(), {}
-  for key, modules in SOURCES:
+  targets = {**partition.flatten(abstract_frozen), **partition.flatten(abstract_trainable)}
+  finish = quantize or (lambda path, x: x)
+  vocab_rows = {}
+  for key, modules in sources:
     path = init[key]
-    if path is None:
-      continue
     parts = model_dir.read_params(path, modules)
     for module, tree in parts.items():
       got = set()
       for leaf_path, value in partition.flatten(tree).items():
         full = f'{module}/{leaf_path}'
-        flat = flat_t if full in flat_t else flat_f if full in flat_f else None
-        if flat is None:
+        if full not in targets:
           raise ValueError(f'init.{key}={path}: param {full} does not exist in the configured model')
-        flat[full] = _place(value, flat[full], full, f'init.{key}={path}', model_config.mm_use_im_start_end)
+        im = model_config.mm_use_im_start_end
+        if mask[full]:
+          flat_t[full] = _place(value, flat_t.get(full, targets[full]), full, f'init.{key}={path}', im)
+        else:
+          flat_f[full] = finish(full, _place(value, flat_f.get(full, targets[full]), full, f'init.{key}={path}',
+                                             im))
         if full in VOCAB_LEAVES:
           vocab_rows[full] = value.shape[0]
         got.add(full)
-      missing = sorted(k for k in (*flat_t, *flat_f) if k.startswith(module + '/') and k not in got)
+      missing = sorted(k for k in targets if k.startswith(module + '/') and k not in got)
       if missing:
         raise ValueError(f'init.{key}={path} lacks {len(missing)} {module} params the model needs, e.g. '
                          f'{missing[:3]}')
-      loaded.add(module)
       log(f'init: {module} <- {path} (init.{key})')
   for module in model_dir.MODULES:
-    if module not in loaded:
+    if module not in covered:
       log(f'init: {module} random (seed {seed})')
   if model_config.mm_use_im_start_end and init['projector_from'] is not None and init['llm_from'] is not None:
     _stage1_token_rows(init, flat_t, flat_f, vocab_rows[VOCAB_LEAVES[0]], log)
+  adapter_dir = init.get('adapter_dir')
+  if adapter_dir:
+    _load_adapter(adapter_dir, model_config, lora, flat_t, targets)
+    log(f'init: LoRA factors and projector <- {adapter_dir} (init.adapter_dir)')
+  flat_f = {k: finish(k, v) for k, v in flat_f.items()}
   return partition.unflatten(flat_t), partition.unflatten(flat_f)
 
 

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from llava_jax.models import lora as lora_lib
+
 Rules = Sequence[tuple[str, bool]]
 SEP = '/'
 
@@ -57,7 +59,8 @@ def merge(trainable, frozen):
 
 
 def _nbytes(x) -> int:
-  return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+  """Bytes of an array, or of every array inside a pytree leaf such as a qwix.QArray (quantized values + scales)."""
+  return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(x)))
 
 
 def param_table(trainable, frozen, opt_state_bytes: int, depth: int = 2) -> str:
@@ -67,7 +70,7 @@ def param_table(trainable, frozen, opt_state_bytes: int, depth: int = 2) -> str:
     for path, leaf in flatten(tree).items():
       key = SEP.join(path.split(SEP)[:depth])
       r = rows.setdefault(key, [0, 0, 0])
-      r[col] += int(np.prod(leaf.shape))
+      r[col] += lora_lib.num_elements(leaf)
       r[2] += _nbytes(leaf)
   width = max([len(k) for k in rows] + [6])
   lines = [f'{"module":<{width}} {"trainable":>14} {"frozen":>14} {"param bytes":>12}']

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from llava_jax.data.tokenize import IGNORE_INDEX
+from llava_jax.models import lora as lora_lib
 from llava_jax.train import partition
 
 Batch = dict[str, jax.Array]
@@ -78,19 +79,24 @@ def batch_work(batch: Batch, image_token_id: int) -> dict[str, jax.Array]:
 
 
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callable,
-                    grad_accum_steps: int = 1) -> Callable:
+                    grad_accum_steps: int = 1, dropout_seed: int = 0) -> Callable:
   """Build `train_step(state, frozen, batch) -> (state, metrics)`.
 
   batch: input_ids / labels / attention_mask int32 [global_batch, seq], pixel_values float32
   [global_batch, H, W, 3]. Packed rows add segment_ids / positions int32 [global_batch, seq], and their
   pixel_values are [global_batch, slots, H, W, 3] with image_valid bool [global_batch, slots].
   metrics: loss (mean over supervised tokens), grad_norm, lr, tokens (supervised), finite (0/1; on a non-finite
-  loss or gradient the state is returned unchanged), and the work of the batch (batch_work).
+  loss or gradient the state is returned unchanged), and the work of the batch (batch_work). LoRA dropout
+  (model.lora) draws from (dropout_seed, step, micro-batch): a resumed run repeats it exactly.
   """
-  def summed_loss(params, frozen, mb):
+  lora = getattr(model, 'lora', None)
+  dropout = lora is not None and lora.dropout > 0
+
+  def summed_loss(params, frozen, mb, key):
     packed = {k: mb[k] for k in PACKED_KEYS if k in mb}
-    logits = model.apply({'params': partition.merge(params, frozen)}, mb['input_ids'], mb['pixel_values'],
-                         mb['attention_mask'], **packed)
+    rngs = {'dropout': key} if dropout else {}
+    logits = model.apply(lora_lib.variables(partition.merge(params, frozen)), mb['input_ids'], mb['pixel_values'],
+                         mb['attention_mask'], **packed, rngs=rngs)
     return next_token_loss(logits, mb['labels'], mb.get('segment_ids'))[0]
 
   grad_fn = jax.value_and_grad(summed_loss)
@@ -100,22 +106,24 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: Callab
     n_tokens = jnp.sum(supervised_targets(batch['labels'], batch.get('segment_ids')), dtype=jnp.float32)
     inputs = {k: batch[k] for k in ('input_ids', 'labels', 'attention_mask', 'pixel_values', *PACKED_KEYS)
               if k in batch}
+    key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
     if grad_accum_steps == 1:
-      loss_sum, grads = grad_fn(state.params, frozen, inputs)
+      loss_sum, grads = grad_fn(state.params, frozen, inputs, key)
     else:
       # Micro-batch a takes rows a, a+k, a+2k, ... so that every data shard contributes to every micro-batch.
       def to_micro(x):
         x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
 
-      def body(carry, mb):
+      def body(carry, mb_i):
         loss_acc, grad_acc = carry
-        loss_sum, grads = grad_fn(state.params, frozen, mb)
+        mb, i = mb_i
+        loss_sum, grads = grad_fn(state.params, frozen, mb, jax.random.fold_in(key, i))
         return (loss_acc + loss_sum, jax.tree.map(jnp.add, grad_acc, grads)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (loss_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                          jax.tree.map(to_micro, inputs))
+                                          (jax.tree.map(to_micro, inputs), jnp.arange(grad_accum_steps)))
     denom = jnp.maximum(n_tokens, 1.0)
     loss = loss_sum / denom
     grads = jax.tree.map(lambda g: g / denom, grads)

@@ -18,6 +18,7 @@ import numpy as np
 from llava_jax import distributed, model_dir, sharding
 from llava_jax.data.pipeline import make_pipeline
 from llava_jax.data.tokenize import ImageTokens, check_template_tokens
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import abstract_params
 from llava_jax.train import config_checks, flops, metrics, partition, resume
 from llava_jax.train import init as init_lib
@@ -58,22 +59,30 @@ def _preemption_requested(flag: resume.PreemptionFlag) -> bool:
 
 
 def _export(config, model_config, setup, state, frozen, tokenizer, workdir: str, log) -> Optional[str]:
-  if not config.export.model and not config.export.hf_dir:
+  if not config.export.model and not config.export.hf_dir and not config.export.peft_dir:
     return None
   dtype = np.dtype(model_config.param_dtype)
-  params = jax.tree.map(lambda x: x.astype(dtype), partition.merge(state.params, frozen))
+  full = partition.merge(state.params, frozen)
+  merged = lora_lib.merge(full, setup.lora.scale) if setup.lora is not None else full  # W + (alpha / r) A B
+  params = jax.tree.map(lambda x: x.astype(dtype), merged)
   out = os.path.join(workdir, 'model')
   if config.export.model:
     model_dir.save_model(out, model_config, params, tokenizer=tokenizer, template=config.data.template,
                           image_aspect=config.data.image_aspect)
     log(f'exported model ({model_config.param_dtype}) to {out}')
+  from jax.experimental import multihost_utils
+  gather = lambda tree: multihost_utils.process_allgather(tree, tiled=True) if jax.process_count() > 1 else tree
   if config.export.hf_dir:
-    from jax.experimental import multihost_utils
     from llava_jax.convert import export_hf_llava
-    host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else params
+    host = gather(params)
     if jax.process_index() == 0:
       export_hf_llava(config.export.hf_dir, model_config, host, tokenizer, log=log)
-      log(f'exported HF LLaVA to {config.export.hf_dir}')
+      log(f'exported HF LLaVA to {config.export.hf_dir}' + (' (LoRA merged)' if setup.lora else ''))
+  if config.export.peft_dir:
+    from llava_jax.convert import peft as peft_io
+    host = gather(state.params)  # the factors and the projector: what trained
+    if jax.process_index() == 0:
+      peft_io.write_adapter(config.export.peft_dir, model_config, host, setup.lora, log=log)
   return out if config.export.model else None
 
 
@@ -121,7 +130,8 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   latest = ckpts.latest_step()
   finished = latest is not None and latest >= total_steps
   export_dir = os.path.join(workdir, 'model')
-  if finished and (model_dir.is_model_dir(export_dir) or not config.export.model) and not config.export.hf_dir:
+  if finished and (model_dir.is_model_dir(export_dir) or not config.export.model) and not config.export.hf_dir \
+      and not config.export.peft_dir:
     ckpts.close()
     getattr(data, 'close', lambda: None)()
     log(f'{workdir}: already trained ({latest} steps) and exported; nothing to do')
@@ -131,16 +141,20 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None,
   # --- model, optimizer and the compiled step -----------------------------------------------------------
   t0 = time.perf_counter()
   packing = d.packing  # packed rows: segment_ids, positions and image slots (data/pipeline.py)
+  lora = config_checks.lora_spec(config)
   setup = setup_lib.create(model_config, config.train.trainable, config.optim, total_steps, mesh,
                            global_batch=d.global_batch_size, seq_len=config_checks.seq_len(config),
                            grad_accum_steps=config.train.grad_accum_steps, compile=not finished,
-                           packed=packing, image_slots=d.max_images_per_row if packing else None)
+                           packed=packing, image_slots=d.max_images_per_row if packing else None,
+                           lora=lora, base_bits=config.train.lora.base_bits, seed=config.seed)
   if not finished:
     log(f'compiled train step in {time.perf_counter() - t0:.1f}s; {setup.memory}')
 
   # --- params: random + checkpoints (frozen ones are always rebuilt this way; trainable ones maybe restored)
-  trainable, frozen = init_lib.initial_params(config.init, model_config, setup.mask, setup.abstract_state.params,
-                                              setup.abstract_frozen, config.seed, log=log)
+  trainable, frozen = init_lib.initial_params(
+      config.init, model_config, setup.mask, setup.abstract_state.params, setup_lib.plain_frozen(setup),
+      config.seed, log=log, lora=lora, quantize=lambda path, x: setup_lib.quantize_leaf(setup, path, x)
+      if path in setup.quantized else x)
   if latest is None:
     state = setup_lib.new_state(setup, trainable)
   else:
