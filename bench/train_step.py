@@ -4,6 +4,7 @@
     python bench/train_step.py                              # reference size (below), fp32, stage 2
     python bench/train_step.py --text-layers 8 --seq 512 --stage 1 --dtype bfloat16
     python bench/train_step.py --no-torch --profile /tmp/prof  # ours only, plus a per-op time table
+    python bench/train_step.py --lora 16 [--base-bits 4]      # ours: full stage 2 vs LoRA (vs QLoRA), one run
 
 Reference size: CLIP ViT 4 layers x 256 (MLP 1024, 4 heads) at 112 px with 14 px patches (64 image tokens),
 LLaMA 4 layers x 512 (MLP 1376, 8 heads), vocab 8192, sequence 256, batch 8, fp32, stage 2 (projector + LLM train,
@@ -45,7 +46,8 @@ from configs import common  # noqa: E402
 from llava_jax import sharding  # noqa: E402
 from llava_jax.models.config import LlamaConfig, LlavaConfig, VisionConfig  # noqa: E402
 from llava_jax.models.llava import abstract_params, init_params  # noqa: E402
-from llava_jax.train import flops, setup as setup_lib  # noqa: E402
+from llava_jax.models.lora import LoraSpec  # noqa: E402
+from llava_jax.train import flops, partition, setup as setup_lib  # noqa: E402
 from llava_jax.data.tokenize import IGNORE_INDEX  # noqa: E402
 from llava_jax.train.step import batch_work  # noqa: E402
 
@@ -85,6 +87,10 @@ def parse_args(argv=None):
   g.add_argument('--profile', metavar='DIR', default=None,
                  help='after timing, trace 3 of our steps with jax.profiler into DIR and print XLA ops by time')
   g.add_argument('--seed', type=int, default=0)
+  g.add_argument('--lora', type=int, default=0, metavar='R',
+                 help='time full stage 2 against LoRA rank R (alpha 2R, dropout 0.05, the LLM Linears but lm_head), '
+                      'ours only, side by side')
+  g.add_argument('--base-bits', type=int, default=0, choices=(0, 8, 4), help='with --lora: also QLoRA at these bits')
   return p.parse_args(argv)
 
 
@@ -151,12 +157,15 @@ def mib(n: float) -> str:
 # ------------------------------------------------------------------------------------------------------- ours
 
 
-def build_ours(config: LlavaConfig, a, params, batch_np):
+def build_ours(config: LlavaConfig, a, params, batch_np, lora=None, base_bits: int = 0):
   optim = common.stage_config().optim
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   t = time.perf_counter()
-  setup = setup_lib.create(config, STAGES[a.stage], optim, total_steps=10**6, mesh=mesh, global_batch=a.batch,
-                           seq_len=a.seq)
+  rules = common.LORA_TRAINABLE if lora is not None else STAGES[a.stage]
+  setup = setup_lib.create(config, rules, optim, total_steps=10**6, mesh=mesh, global_batch=a.batch,
+                           seq_len=a.seq, lora=lora, base_bits=base_bits)
+  if lora is not None:  # factors as training starts them: A random, B = 0
+    params = dict(params, lora=jax.device_get(init_params(config, jax.random.key(a.seed), lora=lora)['lora']))
   compile_s = time.perf_counter() - t
   state, frozen = setup_lib.init_state(setup, params)
   batch = setup_lib.make_global_batch(setup, batch_np)
@@ -298,6 +307,44 @@ def timed(fn, steps: int) -> dict[str, float]:
           'sys': (r1.ru_stime - r0.ru_stime) / steps, 'faults': (r1.ru_minflt - r0.ru_minflt) / steps}
 
 
+def mib1(n: float) -> str:
+  return f'{n / 2**20:,.1f} MiB'
+
+
+def compare_lora(a, config: LlavaConfig, params, batch_np, rss) -> None:
+  """Full stage 2, LoRA (and QLoRA) of ours on the same weights and batch: step time and memory side by side."""
+  spec = LoraSpec(rank=a.lora, alpha=2.0 * a.lora, dropout=0.05, targets=common.LORA_TARGETS)
+  variants = [('full stage 2', {}), (f'LoRA r{a.lora}', dict(lora=spec))]
+  if a.base_bits:
+    variants.append((f'QLoRA {a.base_bits}-bit', dict(lora=spec, base_bits=a.base_bits)))
+  sides = []
+  for name, kw in variants:
+    with rss.track() as grow:
+      setup, run, compile_s = build_ours(config, a, params, batch_np, **kw)
+      first = run(1)
+      run(a.warmup)
+    print(f'{name}: compiled in {compile_s:.1f} s, first loss {first:.6f}')
+    sides.append((name, setup, run, grow))
+  rounds: dict[str, list[float]] = {name: [] for name, *_ in sides}
+  for r in range(a.repeats):
+    for name, _, run, _ in (sides if r % 2 == 0 else sides[::-1]):
+      rounds[name].append(timed(run, a.steps)['wall'])
+  n_tokens = float(batch_work(batch_np, config.image_token_id)['real_tokens'])
+  print(f'\n{"":14} {"step ms":>8} {"tokens/s":>9} {"trainable":>11} {"opt state":>10} {"frozen":>10} '
+        f'{"XLA args":>10} {"XLA temps":>10} {"peak RSS +":>11}')
+  for name, setup, _, grow in sides:
+    wall = statistics.median(rounds[name])
+    m = setup.step.memory_analysis()
+    state = setup.abstract_state
+    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    print(f'{name:14} {wall * 1e3:8.1f} {n_tokens / wall:9.0f} {n_train:11,} '
+          f'{mib1(partition.tree_bytes(state.opt_state)):>10} {mib1(partition.tree_bytes(setup.abstract_frozen)):>10} '
+          f'{mib1(m.argument_size_in_bytes):>10} {mib1(m.temp_size_in_bytes):>10} {mib1(grow["growth"]):>11}')
+  full = statistics.median(rounds['full stage 2'])
+  print('(median step over rounds, run side by side in alternating order; ' +
+        ', '.join(f'{n} / full step time {statistics.median(rounds[n]) / full:.2f}x' for n, *_ in sides[1:]) + ')')
+
+
 def main(argv=None):
   a = parse_args(argv)
   config = model_config(a)
@@ -314,6 +361,8 @@ def main(argv=None):
   peak = flops.measure_matmul_peak('float32', n=a.peak_size, reps=10)
   params = jax.device_get(init_params(config, jax.random.key(a.seed)))
   batch_np = make_batch(config, a.batch, a.seq, a.seed)
+  if a.lora:
+    return compare_lora(a, config, params, batch_np, rss)
   with rss.track() as ours_rss:
     setup, ours, compile_s = build_ours(config, a, params, batch_np)
     print(f'our step: lowered + compiled ahead of time in {compile_s:.1f} s')

@@ -68,6 +68,8 @@ def main(argv=None) -> int:
   parser.add_argument('--image', action='append', default=[],
                       help='image to talk about (optional; repeat for several; /image PATH changes them)')
   parser.add_argument('--tokenizer', help='tokenizer dir, when the checkpoint has none')
+  parser.add_argument('--adapter', help='PEFT LoRA adapter dir (export.peft_dir) for the checkpoint as base; merged '
+                                        'in at load')
   parser.add_argument('--template', help="conversation template (default: the checkpoint's, else vicuna_v1); "
                                          f'one of {sorted(conversation.TEMPLATES)}')
   parser.add_argument('--image-aspect', choices=('square', 'pad'),
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
     print(f'loading {args.checkpoint} ...', file=sys.stderr, flush=True)
     im = load_inference_model(args.checkpoint, tokenizer_path=args.tokenizer, template=args.template,
-                              image_aspect=args.image_aspect, dtype=args.dtype)
+                              image_aspect=args.image_aspect, dtype=args.dtype, adapter=args.adapter)
     session = ChatSession(im, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                           show_prompt=args.show_prompt)
     if args.image:

@@ -36,13 +36,14 @@ class InferenceModel:
 
 def load_inference_model(path: str, *, tokenizer_path: Optional[str] = None, template: Optional[str] = None,
                          image_aspect: Optional[str] = None, dtype: Optional[str] = None,
-                         mesh=None) -> InferenceModel:
+                         mesh=None, adapter: Optional[str] = None) -> InferenceModel:
   """A model directory (see `model_dir.load_model`) -> InferenceModel.
 
   Template: argument, else the one saved with the model, else 'vicuna_v1'. Image aspect: argument, else the one
-  saved with the model, else 'square'.
+  saved with the model, else 'square'. `adapter`: a PEFT LoRA adapter dir merged into the base (model_dir).
   """
-  m = model_dir.load_model(path, tokenizer_path=tokenizer_path, dtype=dtype, mesh=mesh, require_tokenizer=True)
+  m = model_dir.load_model(path, tokenizer_path=tokenizer_path, dtype=dtype, mesh=mesh, require_tokenizer=True,
+                           adapter=adapter)
   template = template or m.template or DEFAULT_TEMPLATE
   tokenize.check_template_tokens(m.tokenizer, template, tokenizer_path or path)  # also names the allowed templates
   image_aspect = image_aspect or m.image_aspect or 'square'

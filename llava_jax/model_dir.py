@@ -172,11 +172,12 @@ def read_params(path: str, modules=MODULES) -> dict[str, Any]:
 
 
 def load_model(path: str, *, tokenizer_path: Optional[str] = None, dtype: Optional[str] = None, mesh=None,
-               shardings=None, require_tokenizer: bool = False) -> LoadedModel:
+               shardings=None, require_tokenizer: bool = False, adapter: Optional[str] = None) -> LoadedModel:
   """An exported model dir or a HF LLaVA dir -> LoadedModel, its tokenizer checked against its config.
 
   `tokenizer_path` replaces the directory's own tokenizer. `mesh` (exported dirs) restores the params straight
-  onto it with the sharding rules; `shardings` gives the NamedSharding tree instead.
+  onto it with the sharding rules; `shardings` gives the NamedSharding tree instead. `adapter`: a PEFT LoRA
+  adapter dir for this base (convert/peft.py), merged into the params.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f'checkpoint directory not found: {path}')
@@ -196,6 +197,9 @@ def load_model(path: str, *, tokenizer_path: Optional[str] = None, dtype: Option
   else:
     raise FileNotFoundError(f'{path} is neither an exported llava_jax model dir (model_config.json + params/) '
                             'nor an HF LLaVA dir (config.json)')
+  if adapter is not None:  # a PEFT LoRA adapter for this base: merged in once, then a plain model
+    from llava_jax.convert import peft as peft_io
+    params = peft_io.apply_adapter(params, config, adapter)
   tokenizer = load_tokenizer(tokenizer_path or path)
   if tokenizer is None and (tokenizer_path or require_tokenizer):
     raise FileNotFoundError(f'{tokenizer_path or path} holds no tokenizer ({", ".join(TOKENIZER_FILES)}); '

@@ -65,6 +65,15 @@ def torch_forward(model, batch, labels=True):
                labels=torch.from_numpy(lab) if labels else None)
 
 
+def torch_vs_ours(model, forward, params, batch) -> float:
+  """Logits rel err (real tokens) of a torch model against our LoRA forward of `params`."""
+  with torch.no_grad():
+    ref = torch_forward(model, batch, labels=False).logits.numpy()
+  ours = np.asarray(forward(params, *our_inputs(batch)))
+  valid = batch[1].astype(bool)
+  return rel_err(ours[valid], ref[valid])
+
+
 @pytest.fixture(scope='module')
 def forward(hf):
   """jit'd forward of the LoRA model (factors from the `lora` collection), one compile for the module."""
@@ -102,11 +111,7 @@ def test_peft_adapter_in_torch_gives_our_logits(hf, forward, peft_model, adapter
   assert cfg['r'] == 4 and cfg['lora_alpha'] == 8.0 and cfg['modules_to_save'] == ['multi_modal_projector']
   lora_modules = [n for n, m in peft_model.named_modules() if hasattr(m, 'lora_A')]
   assert len(lora_modules) == 7 * 2 and all('language_model.layers.' in n for n in lora_modules)  # not CLIP's q_proj
-  with torch.no_grad():
-    ref = torch_forward(peft_model, batch, labels=False).logits.numpy()
-  ours = np.asarray(forward(with_lora, *our_inputs(batch)))
-  valid = batch[1].astype(bool)
-  err = rel_err(ours[valid], ref[valid])
+  err = torch_vs_ours(peft_model, forward, with_lora, batch)
   print(f'PEFT adapter in torch vs ours: logits rel err {err:.2e}')
   assert err <= TOL
 
@@ -160,11 +165,7 @@ def test_merged_export_equals_the_unmerged_model(hf, forward, tmp_path):
   assert 'lora' not in merged
   export_hf_llava(str(tmp_path / 'merged'), config, merged)
   reloaded = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / 'merged')).eval()
-  with torch.no_grad():
-    ref = torch_forward(reloaded, batch, labels=False).logits.numpy()
-  ours = np.asarray(forward(with_lora, *our_inputs(batch)))
-  valid = batch[1].astype(bool)
-  err = rel_err(ref[valid], ours[valid])
+  err = torch_vs_ours(reloaded, forward, with_lora, batch)
   print(f'merged HF export vs unmerged: logits rel err {err:.2e}')
   assert err <= TOL
 
@@ -184,6 +185,22 @@ def test_adapter_reads_back_exactly(hf, adapter_dir):
                                                     'down_proj')}
   assert all(lora_lib.LoraSpec(4, 8.0, 0.0, adapter.spec.targets).targets_module(tuple(k.split('/')[:-1]))
              for k in lora_lib.factor_paths({'lora': adapter.lora}))
+
+
+def test_chat_and_serve_load_base_plus_adapter_as_the_merged_model(hf, adapter_dir, tmp_path):
+  from llava_jax import chat, model_dir
+  _, path, config, _, with_lora, _ = hf
+  loaded = partition.flatten(jax.device_get(model_dir.load_model(path, adapter=adapter_dir).params))
+  want = partition.flatten(jax.device_get(lora_lib.merge(with_lora, SPEC.scale)))
+  assert set(loaded) == set(want)
+  for k in want:
+    np.testing.assert_allclose(loaded[k], want[k], rtol=0, atol=1e-6, err_msg=k)
+  os.makedirs(tmp_path / 'bad')
+  with open(tmp_path / 'bad' / 'adapter_config.json', 'w') as f:
+    json.dump({'r': 4, 'lora_alpha': 8}, f)
+  with pytest.raises(FileNotFoundError, match='is not a PEFT adapter dir'):
+    model_dir.load_model(path, adapter=str(tmp_path / 'bad'))
+  assert chat.main(['--checkpoint', path, '--adapter', str(tmp_path / 'bad')]) == 2  # clear error, exit 2
 
 
 def test_adapter_for_another_base_is_an_error(hf, adapter_dir):
@@ -349,3 +366,48 @@ def test_trainer_exports_merged_and_peft_and_the_adapter_continues_training(colo
   with pytest.raises(peft_io.AdapterMismatch, match='the adapter has r 4, train.lora.r is 2'):
     init_lib.initial_params(wrong.init, mc, setup.mask, setup.abstract_state.params, setup_lib.plain_frozen(setup),
                             0, log=logs.append, lora=config_checks.lora_spec(wrong))
+
+
+# ------------------------------------------------------------------------------------------------- QLoRA
+
+@pytest.fixture(scope='module')
+def bf16_forward(hf):
+  """(forward, params, bf16 reference logits): the LoRA model in bf16 compute with its base kept in bf16; factors
+  a tenth of the other tests' (there the random deltas alone make bf16 differ from fp32 by 7%)."""
+  config = hf[2].replace(dtype='bfloat16')
+  fwd = jax.jit(lambda p, *a: Llava(config, SPEC).apply(lora_lib.variables(p), *a))
+  with_lora = dict(hf[3], lora=jax.tree.map(lambda x: 0.1 * x, random_factors(hf[2], 1)))
+  bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), with_lora)
+  return config, fwd, with_lora, np.asarray(fwd(bf16, *our_inputs(hf[5])), np.float32)
+
+
+# Measured logits rel err against bf16: int8 3.0e-2, nf4 3.6e-1; per kernel, rel RMS error int8 0.6%, nf4 9.1%
+# (absmax scales per 64 inputs; nf4 has 16 levels). This random tiny model amplifies weight noise: its base alone in
+# bf16 differs from fp32 by 1.5e-2 (bf16 rounding is 0.4% per weight). Tolerances: about twice the measured.
+@pytest.mark.parametrize('bits, tol', [(8, 6e-2), (4, 6e-1)])
+def test_qlora_logits_stay_close_to_bf16(hf, bf16_forward, bits, tol):
+  from llava_jax import sharding
+  from llava_jax.train import setup as setup_lib
+  from test_train_step import optim
+  config, fwd, with_lora, ref = bf16_forward
+  batch = hf[5]
+  setup = setup_lib.create(config, tiny_lora().train.trainable, optim(), 10, sharding.make_mesh((1, 1, 1),
+                           jax.devices()[:1]), global_batch=3, seq_len=26, lora=SPEC, base_bits=bits, compile=False)
+  trainable, frozen = partition.split(with_lora, setup.mask)
+  frozen = setup_lib.place_frozen(setup, frozen)
+  kernels = {k: v for k, v in partition.flatten(frozen).items() if k in setup.quantized}
+  assert len(kernels) == 7 and all(isinstance(q, __import__('qwix').QArray) for q in kernels.values())
+  stored = sum(partition.tree_bytes(q) for q in kernels.values())
+  plain = 2 * sum(lora_lib.num_elements(q) for q in kernels.values())
+  assert stored <= plain * (0.5 if bits == 8 else 0.25) * 1.15  # + bf16 scales, one per 64 (o_proj: 16) inputs
+  flat = partition.flatten(with_lora)
+  for k, q in kernels.items():
+    w = np.asarray(jnp.asarray(flat[k], jnp.bfloat16), np.float32)
+    dq = np.asarray(lora_lib.dequantize(q), np.float32)
+    assert np.sqrt(((dq - w) ** 2).mean() / (w ** 2).mean()) <= (0.01 if bits == 8 else 0.12), k
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), trainable)
+  logits = np.asarray(fwd(partition.merge(params, frozen), *our_inputs(batch)), np.float32)
+  valid = batch[1].astype(bool)
+  err = rel_err(logits[valid], ref[valid])
+  print(f'QLoRA {bits}-bit vs bf16: logits rel err {err:.2e}, base kernels {stored} bytes vs {plain} in bf16')
+  assert err <= tol

@@ -157,6 +157,17 @@ def read_adapter(path: str, config: LlavaConfig) -> Adapter:
   return Adapter(spec, lora, _projector_tree(projector, config, shapes, path) if projector else None)
 
 
+def apply_adapter(params, config: LlavaConfig, path: str):
+  """Base params (ours, any placement) + the adapter at `path` -> plain params: every LoRA'd kernel becomes
+  W + (alpha / r) A B and the projector is the adapter's (cast to the base's dtypes)."""
+  adapter = read_adapter(path, config)
+  merged = lora_lib.merge(dict(params, **{lora_lib.COLLECTION: adapter.lora}), adapter.spec.scale)
+  if adapter.projector is not None:
+    merged['projector'] = jax.tree.map(lambda new, old: jax.numpy.asarray(new, old.dtype), adapter.projector,
+                                       params['projector'])
+  return merged
+
+
 def _factor_tree(factors: dict, shapes: dict, rank: int, path: str):
   """{(kernel path, layer, 'A'|'B'): (ref, entry)} -> our factor tree; every layer of a LoRA'd kernel needed."""
   out = {}

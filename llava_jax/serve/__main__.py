@@ -18,6 +18,8 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(prog='python -m llava_jax.serve', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--checkpoint', required=True, help='exported llava_jax model dir or HF LLaVA dir')
+  parser.add_argument('--adapter', help='PEFT LoRA adapter dir (export.peft_dir) for the checkpoint as base; merged '
+                                        'in at load')
   parser.add_argument('--host', default='127.0.0.1', help='bind address (default 127.0.0.1: this machine only)')
   parser.add_argument('--port', type=int, default=8000)
   parser.add_argument('--model-name', help="served model id (default: the checkpoint folder's name)")
@@ -68,7 +70,7 @@ def build(args, log=print):
   from llava_jax.serve.protocol import Limits
   log(f'loading {args.checkpoint} ...')
   im = load_inference_model(args.checkpoint, tokenizer_path=args.tokenizer, template=args.template,
-                            image_aspect=args.image_aspect, dtype=args.dtype)
+                            image_aspect=args.image_aspect, dtype=args.dtype, adapter=args.adapter)
   engine = Engine(im, max_batch_size=args.max_batch_size, max_context=args.max_context, buckets=args.prompt_buckets,
                   prefill_sizes=args.prefill_sizes, max_queue=args.max_queue, log=log)
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))

@@ -115,14 +115,18 @@ def dry_run(config, *, devices=None, name: str = '', log: Callable[[str], None] 
   target = (hw.get('name') if hw is not None else None) or f'{len(devices)} device{plural}'
   log(f'dry run {name}: {target}, compiled for {len(devices)} {devices[0].platform} device{plural}')
   log(f'mesh {dict(mesh.shape)}; global batch {d.global_batch_size} = {shards} x {micro} rows x {accum} '
-      f'micro-batch(es), seq {config_checks.seq_len(config)}; remat {mc.remat_policy}; compute {mc.dtype}')
+      f'micro-batch(es), seq {config_checks.seq_len(config)}; remat {mc.remat_policy}; compute {mc.dtype}' +
+      (f'; LoRA r {config.train.lora.r}' + (f', base {config.train.lora.base_bits}-bit' if config.train.lora.base_bits
+                                            else '') if config.train.lora.r else ''))
 
   t0 = time.perf_counter()
   total_steps = max(config.train.steps, 1)  # only the schedule's constants depend on it
+  lora, bits = config_checks.lora_spec(config), config.train.lora.base_bits
   setup = setup_lib.create(mc, config.train.trainable, config.optim, total_steps, mesh,
                            global_batch=d.global_batch_size, seq_len=config_checks.seq_len(config),
                            grad_accum_steps=accum,
-                           packed=d.packing, image_slots=d.max_images_per_row if d.packing else None)
+                           packed=d.packing, image_slots=d.max_images_per_row if d.packing else None,
+                           lora=lora, base_bits=bits)
   compile_s = time.perf_counter() - t0
   state = setup.abstract_state
   log(partition.param_table(state.params, setup.abstract_frozen, partition.tree_bytes(state.opt_state)))
@@ -140,7 +144,7 @@ def dry_run(config, *, devices=None, name: str = '', log: Callable[[str], None] 
   compiled = {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
               'aliased': m.alias_size_in_bytes, 'temporaries': m.temp_size_in_bytes}
   compiled['peak'] = compiled['arguments'] + compiled['outputs'] - compiled['aliased'] + compiled['temporaries']
-  labels = {'trainable_params': 'trainable params (fp32 master)', 'frozen_params': f'frozen params ({mc.dtype})',
+  labels = {'trainable_params': 'trainable params (fp32 master)', 'frozen_params': f'frozen params ({mc.dtype}' + (f', LoRA\'d kernels {bits}-bit)' if bits else ')'),
             'optimizer_state': 'optimizer state (AdamW moments)', 'gradients': 'gradients (fp32, transient)',
             'batch': 'input batch', 'activations': f'activations (estimate, remat {mc.remat_policy})',
             'total_estimate': 'total (estimate)'}
