@@ -77,6 +77,8 @@ def get_config(arg=None):
   c.demo = ml_collections.ConfigDict(dict(num_train_images=3000, num_qa=192, image_size=64, max_objects=3,
                                           seed=a['seed'], vocab_size=1024, conversations_per_image=2,
                                           num_vqa_train=6000, stage2_kinds=('conversation',)))
+  # Step counts: 150 / 250 / 100 / 1200 (vision warm-up / LLM warm-up / stage 1 / stage 2) save ~1/3 of the time but
+  # scored 0.906, 0.974 and 0.885 on seeds 0, 1, 2 (colour and yes/no questions; patch accuracy still 1.0), 2026-12-03.
   # Supervised vision warm-up (stands in for CLIP's pretraining): tower + linear heads on per-patch labels.
   c.vision_warmup = ml_collections.ConfigDict(dict(steps=steps(300), lr=3e-3, batch_size=64, seed=a['seed']))
   vision = '/vision_warmup/model'
