@@ -411,3 +411,20 @@ def test_qlora_logits_stay_close_to_bf16(hf, bf16_forward, bits, tol):
   err = rel_err(logits[valid], ref[valid])
   print(f'QLoRA {bits}-bit vs bf16: logits rel err {err:.2e}, base kernels {stored} bytes vs {plain} in bf16')
   assert err <= tol
+
+
+def test_dry_run_sizes_lora_and_qlora():
+  """The tiny LoRA stage on one CPU device: the dry run builds the LoRA step, and 4-bit halves and halves again
+  the LoRA'd kernels' share of the frozen bytes (the rest of the base stays in the compute dtype)."""
+  from llava_jax.train import dry_run
+  results = {}
+  for bits in (0, 4):
+    config = tiny_lora('mesh.shape=(1,1,1)', f'train.lora.base_bits={bits}', 'model.dtype=bfloat16')
+    lines = []
+    results[bits] = dry_run.dry_run(config, devices=jax.devices()[:1], log=lines.append)
+    assert 'LoRA r 4' in lines[1] and (', base 4-bit' in lines[1]) == bool(bits)
+  full, q = results[0], results[4]
+  assert q['trainable_params'] == full['trainable_params'] and q['optimizer_state'] == full['optimizer_state']
+  # The tiny LLM's 2 layers hold 73,728 Linear weights: 2 bytes each in bf16, 0.5 in nf4 plus bf16 block scales.
+  saved = full['frozen_params'] - q['frozen_params']
+  assert 0.9 * 73_728 * 1.5 < saved < 73_728 * 1.5
