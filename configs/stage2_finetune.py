@@ -14,24 +14,27 @@ template vicuna_v1 unless the LLM has its own.
 alpha 256, dropout 0.05 on every Linear of the LLM but lm_head, lr 2e-4, projector lr 2e-5; the projector trains
 fully, every base weight stays frozen. QLoRA: add --config.train.lora.base_bits=4 (or 8).
 
-Packed rows (data.packing; `--config.data.packing=False` for the original's one sample per row): rows of 4096
-tokens with 5 image slots; on the mix665k-like distribution of bench/epoch.py that is 4.63 samples per row, 5.4%
-padding and 13% unused image slots (rows of 2048: 2 samples per row, 17% padding). global_batch_size then counts
-rows: 32 rows x 4.63 = ~148 samples per update for the paper's 128 (24 would give ~111; 32 divides 8 and 16 devices). Samples are still cut at max_length 2048.
+Packed rows (data.packing; `--config.data.packing=False` for the original's one sample per row): rows of 5120
+tokens with 6 image slots; on the mix665k-like distribution of bench/epoch.py that is 5.82 samples per row, 4.9%
+padding and 8.6% unused image slots. Rows of 4096 x 5 cannot meet both 5% and 10%: that mix has ~888 tokens per
+image, so 4096 tokens hold 4.6 images on average and 5 slots stay >= 7.8% unused even with no padding (measured:
+5.3% padding, 12.6% unused; rows of 2048 x 3: 2 samples per row, 17% padding). global_batch_size then counts
+rows: 24 rows x 5.82 = ~140 samples per update for the paper's 128 (24 divides 8 devices; 22 rows would give
+128). Samples are still cut at max_length 2048.
 """
 from configs import common
 
 RECIPE = {
     # variant: (model preset, epochs, global batch in samples (the paper's), image aspect, group by length,
     #           packed rows per update)
-    'llava_7b': ('llava_7b', 3, 128, 'square', False, 32),
-    'llava_13b': ('llava_13b', 3, 128, 'square', False, 32),
-    'llava15_7b': ('llava15_7b', 1, 128, 'pad', True, 32),
-    'llava15_13b': ('llava15_13b', 1, 128, 'pad', True, 32),
+    'llava_7b': ('llava_7b', 3, 128, 'square', False, 24),
+    'llava_13b': ('llava_13b', 3, 128, 'square', False, 24),
+    'llava15_7b': ('llava15_7b', 1, 128, 'pad', True, 24),
+    'llava15_13b': ('llava15_13b', 1, 128, 'pad', True, 24),
     'tiny': ('tiny', 1, 8, 'square', False, None),   # tests: unpacked
-    **{name: (name, 1, 128, 'pad', True, 32) for name in common.FAMILY_PRESETS},
+    **{name: (name, 1, 128, 'pad', True, 24) for name in common.FAMILY_PRESETS},
 }
-PACKED_ROW_LENGTH, PACKED_IMAGES_PER_ROW = 4096, 5
+PACKED_ROW_LENGTH, PACKED_IMAGES_PER_ROW = 5120, 6
 
 
 def get_config(arg=None):

@@ -67,7 +67,7 @@ def test_paper_recipe_values():
   assert (s2.optim.lr, s2.data.num_epochs, s2.data.image_aspect, s2.data.group_by_length) == (2e-5, 1, 'pad', True)
   assert s2.data.template == 'vicuna_v1' and s2.optim.warmup_ratio == 0.03
   assert (s2.data.packing, s2.data.global_batch_size, s2.data.row_length, s2.data.max_images_per_row) == (
-      True, 32, 4096, 5)  # 32 rows x ~4.6 samples ~ the paper's 128
+      True, 24, 5120, 6)  # 24 rows x ~5.8 samples ~ the paper's 128
   assert ('language_model/.*', True) in s2.train.trainable and s2.train.trainable[-1] == ('.*', False)
   s2v1 = cli.load(os.path.join(CONFIGS, 'stage2_finetune.py:llava_7b'))
   assert s2v1.data.num_epochs == 3

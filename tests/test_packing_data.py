@@ -126,6 +126,17 @@ def test_packed_rows_are_exact(data):
   assert s['samples_per_row'] == pytest.approx(40 / (len(batches) * ROWS)) and s['samples_per_row'] > 2
 
 
+def test_pack_rows_first_fit_closes_the_fullest_row():
+  # 2 open rows of 10 tokens / 2 images. Sample 2 fits neither open row: the fullest (sample 1's, 2 tokens
+  # left) closes, not the oldest (4 left), so sample 3 still joins sample 0. Sample 4 fits neither [0, 3] (no
+  # token left) nor [2] (no image slot left): [0, 3], the fullest, closes. Sample 5 (0 tokens: dropped) joins
+  # the first open row.
+  tokens, images = np.array([6, 8, 5, 4, 3, 0]), np.array([1, 1, 2, 0, 1, 0])
+  ids, starts = pipeline.pack_rows(np.arange(6), tokens, images, row_length=10, max_images=2, num_bins=2)
+  rows = [ids[starts[r]:starts[r + 1]].tolist() for r in range(len(starts) - 1)]
+  assert rows == [[1], [0, 3], [2, 5], [4]]
+
+
 def test_deterministic_per_seed_and_epoch(data):
   a, b = take(_pipe(data)), take(_pipe(data))
   assert batches_equal(a, b)

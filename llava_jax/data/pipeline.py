@@ -20,9 +20,9 @@ sample) holds several samples back to back, with
 `global_batch_size` counts ROWS per update: samples per update = rows x samples per row (`stats()`).
 The rows of an epoch are planned once, globally, from (seed, epoch) and the exact token length of
 every sample (tokenized once, cached in the dataset folder's token_lengths/): the epoch's order as
-above, then first-fit into the open rows (`pack_rows`). The global batches are those rows in
-order, the last completed with empty rows (no sample is repeated), so per-process slices, worker
-counts and mid-epoch restore behave exactly as without packing. Truncation and drops follow the same
+above, then first-fit into the open rows, closing the fullest when none fits (`pack_rows`). The global
+batches are those rows in order, the last completed with empty rows (no sample is repeated), so
+per-process slices, worker counts and mid-epoch restore behave exactly as without packing. Truncation and drops follow the same
 rules (a dropped sample takes no room and is counted). grain's FirstFitPackIterDataset (0.2.18) packs
 each process's stream online; it is not used because rows would then depend on the process count and
 on buffering (an unknown number of steps per epoch, samples of two epochs in one row).
@@ -272,10 +272,12 @@ def pack_rows(order: np.ndarray, tokens: np.ndarray, images: np.ndarray, *, row_
   """First-fit packing of `order` into rows of `row_length` tokens and at most `max_images` images.
 
   Each sample goes to the first of the `num_bins` open rows where it fits; when none has room the
-  oldest open row is closed and a new one opened. Rows come out in the order they were opened, so a
-  row holds samples from a window of the order. Samples with 0 tokens (dropped) take no room and join
-  the first open row, where the loader counts them. Returns (record ids int64[n], row starts
-  int64[rows + 1]): row r = ids[starts[r]:starts[r + 1]].
+  fullest open row (least room left; the oldest of equals) is closed and a new one opened. Closing
+  the fullest rather than the oldest keeps half-empty rows open for later short samples (mix665k-like
+  rows of 5120 x 6: 4.9% padding against 5.2%). Rows come out in the order they were closed (the
+  still open ones last, in opening order), so a row holds samples from a window of the order.
+  Samples with 0 tokens (dropped) take no room and join the first open row, where the loader counts
+  them. Returns (record ids int64[n], row starts int64[rows + 1]): row r = ids[starts[r]:starts[r + 1]].
   """
   closed, bins, room, slots = [], [], [], []
   for i in order.tolist():
@@ -288,9 +290,10 @@ def pack_rows(order: np.ndarray, tokens: np.ndarray, images: np.ndarray, *, row_
         break
     else:
       if len(bins) == num_bins:
-        closed.append(bins.pop(0))
-        room.pop(0)
-        slots.pop(0)
+        j = room.index(min(room))
+        closed.append(bins.pop(j))
+        room.pop(j)
+        slots.pop(j)
       bins.append([i])
       room.append(row_length - n)
       slots.append(max_images - k)
