@@ -3,6 +3,7 @@
     python bench/epoch.py                        # packing statistics + the three timed runs (bench-small model)
     python bench/epoch.py --no-train             # packing statistics only (seconds)
     python bench/epoch.py --samples 512 --max-images-per-row 3
+    python bench/epoch.py --samples 96 --profile /tmp/prof   # + where one step's time goes, (b) against (c)
 
 Part 1, packing statistics (no model): sample lengths drawn from the distributions below at the paper's shapes
 (576 image tokens, rows of 2048) and at the bench shapes (64 image tokens, rows of 256: every length x 64/576),
@@ -25,6 +26,12 @@ batches are made before the clock starts; printed apart). real tokens/s = non-pa
 time, the same token count for all three. The machine is shared: the load average is printed, and CPU s (user +
 sys of all threads) is the figure least moved by other processes; compare ratios from one invocation. Under load
 set OMP_WAIT_POLICY=PASSIVE (torch's spinning OpenMP threads, see bench/README.md).
+
+Part 3 (`--profile DIR`): the first `--profile-steps` batches of (b) and of (c) again, ms per step by phase. (b):
+a jax.profiler trace; each XLA op's duration goes to the phase its HLO metadata names (module path; inside the
+scanned layers the einsum strings and projection names), forward or backward (transpose(jvp)); op durations
+overlap on the thread pool and stretch under load, so their sum exceeds the wall time. (c): forward hooks time
+transformers' modules; the backward (autograd) and clip + AdamW are timed whole. The largest 25 XLA ops are listed.
 
 Length distributions (text tokens per sample, LLaMA tokenizer, including template; + 576 image tokens when the
 sample has an image; cut at 2048 as model_max_length). Source of the mix: LLaVA-1.5 (Liu et al., "Improved
@@ -201,7 +208,8 @@ def epoch_ours(setup, params, pipeline) -> dict:
   float(loss)
   t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
   s = pipeline.stats()
-  return dict(time=t1 - t0, cpu=r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, steps=len(batches),
+  return dict(state=(state, frozen), batches=batches, time=t1 - t0,
+              cpu=r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, steps=len(batches),
               slots=s['tokens'], real=s['tokens'] - s['pad_tokens'], samples=s['samples'], load=load_s)
 
 
@@ -231,8 +239,125 @@ def epoch_torch(step, chunks, samples, config) -> dict:
   t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
   slots = sum(int(b['input_ids'].numel()) for b in batches)
   real = sum(int(b['attention_mask'].sum()) for b in batches)
-  return dict(time=t1 - t0, cpu=r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, steps=len(batches),
-              slots=slots, real=real, samples=sum(len(c) for c in chunks))
+  return dict(batches=batches, time=t1 - t0, cpu=r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime,
+              steps=len(batches), slots=slots, real=real, samples=sum(len(c) for c in chunks))
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+PHASES = ('vision tower', 'projector', 'attention (q/k/v/o + scores)', 'MLP', 'layer scan (slices, stacking)',
+          'norms, embed, merge', 'LM head + loss', 'optimizer + clipping')
+
+
+def _phase(op_name: str) -> str:
+  """Phase of one XLA op from its metadata op_name (the flax module path of the op)."""
+  if 'vision_tower' in op_name:
+    return 'vision tower'
+  if 'projector' in op_name:
+    return 'projector'
+  if 'jvp(' not in op_name and 'transpose(' not in op_name:
+    return 'optimizer + clipping'  # outside value_and_grad: AdamW, clipping, the update
+  # Inside the scanned layers flax module names are gone (closed_call/layers/...): the einsum strings say it.
+  if any(k in op_name for k in ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'attention', 'softmax', 'rope', 'bkqs',
+                                'bkhs', 'bkqh', '/exp', 'reduce_max')):
+    return 'attention (q/k/v/o + scores)'
+  if 'dynamic_slice' in op_name or 'dynamic_update_slice' in op_name:
+    return 'layer scan (slices, stacking)'
+  if any(k in op_name for k in ('gate_proj', 'up_proj', 'down_proj', 'mlp')):
+    return 'MLP'
+  if 'lm_head' in op_name or 'layers_' not in op_name and ('log_softmax' in op_name or 'loss' in op_name):
+    return 'LM head + loss'
+  return 'norms, embed, merge'
+
+
+def profile_ours(setup, state, batches, out_dir: str) -> dict:
+  """CPU ms per step of our XLA ops by phase (forward / backward), from a jax.profiler trace of `batches`."""
+  import collections
+  import glob
+  import gzip
+  import re
+  import jax
+  from llava_jax.train import setup as setup_lib
+  meta = {}
+  for line in setup.step.as_text().splitlines():  # instruction -> op_name (fusions: their root's)
+    m = re.match(r'\s+(?:ROOT )?%?([\w.\-]+) = .*op_name="([^"]*)"', line)
+    if m:
+      meta[m.group(1)] = m.group(2)
+  state, frozen = state
+  state, _ = setup.step(state, frozen, setup_lib.make_global_batch(setup, batches[0]))  # warm
+  with jax.profiler.trace(out_dir):
+    for b in batches:
+      state, m = setup.step(state, frozen, setup_lib.make_global_batch(setup, b))
+    float(m['loss'])
+  files = sorted(glob.glob(os.path.join(out_dir, '**', '*.trace.json.gz'), recursive=True), key=os.path.getmtime)
+  with gzip.open(files[-1]) as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  ms, other = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and e.get('name') in meta:
+      op, dur = meta[e['name']], e['dur'] / 1e3 / len(batches)
+      phase = _phase(op)
+      ms[(phase, 'update' if phase == PHASES[-1] else 'backward' if 'transpose(' in op else 'forward')] += dur
+      other[(phase, e['name'], op)] += dur
+  print('\n(b) largest XLA ops (ms per step, phase, instruction, op_name):')
+  for (phase, name, op), dur in other.most_common(25):
+    print(f'  {dur:7.1f}  {phase[:12]:12} {name[:24]:24} {op[-110:]}')
+  return ms
+
+
+def profile_torch(train_step_fn, batches) -> dict:
+  """Wall ms per step of transformers' modules by phase: forward hooks per module, backward and optimizer whole."""
+  import collections
+  import torch
+  model, opt = train_step_fn.model, train_step_fn.optimizer
+  ms, t = collections.Counter(), {}
+
+  def model_step(b):
+    t0 = time.perf_counter()
+    loss = model(**b).loss
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(train_step_fn.params, train_step_fn.clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ms.update({('forward', 'total'): t1 - t0, ('backward (all phases)', 'backward'): t2 - t1,
+               ('optimizer + clipping', 'update'): time.perf_counter() - t2})
+
+  lm = model.model.language_model
+  parts = [('vision tower', model.model.vision_tower), ('projector', model.model.multi_modal_projector),
+           ('LM head + loss', model.lm_head)]
+  for layer in lm.layers:
+    parts += [('attention (q/k/v/o + scores)', layer.self_attn), ('MLP', layer.mlp)]
+  for name, mod in parts:
+    mod.register_forward_pre_hook(lambda m, i, name=name: t.__setitem__(name, time.perf_counter()))
+    mod.register_forward_hook(lambda m, i, o, name=name: ms.update({(name, 'forward'): time.perf_counter() - t[name]}))
+  model_step(batches[0])  # warm
+  ms.clear()
+  for b in batches:
+    model_step(b)
+  out = collections.Counter({k: v * 1e3 / len(batches) for k, v in ms.items()})
+  forward = out.pop(('forward', 'total'))
+  out[('norms, embed, merge', 'forward')] = forward - sum(v for (_, d), v in out.items() if d == 'forward')
+  return out
+
+
+def print_profile(ours: dict, torch_ms: dict, wall: tuple, real: tuple) -> None:
+  print(f'\n== profile: ms per step by phase ((b): XLA op time summed over threads, from jax.profiler; (c): wall '
+        f'time of module forwards via hooks, backward and optimizer whole) ==')
+  print(f'{"phase":32} {"(b) fwd":>8} {"(b) bwd":>8} {"(b) all":>8} {"(c) fwd":>8} {"(c) bwd":>8} {"(c) all":>8}')
+  tb, tc = ours, torch_ms
+  for p in PHASES + ('backward (all phases)',):
+    fb, bb, fc, bc = tb[(p, 'forward')], tb[(p, 'backward')], tc[(p, 'forward')], tc[(p, 'backward')]
+    print(f'{p:32} {fb:8.1f} {bb:8.1f} {fb + bb + tb[(p, "update")]:8.1f} {fc:8.1f} {bc:8.1f} '
+          f'{fc + bc + tc[(p, "update")]:8.1f}')
+  print(f'{"total":32} {sum(v for (p, d), v in tb.items() if d == "forward"):8.1f} '
+        f'{sum(v for (p, d), v in tb.items() if d == "backward"):8.1f} {sum(tb.values()):8.1f} '
+        f'{sum(v for (p, d), v in tc.items() if d == "forward"):8.1f} '
+        f'{sum(v for (p, d), v in tc.items() if d == "backward"):8.1f} {sum(tc.values()):8.1f}')
+  print(f'wall ms per step in the epoch: (b) {wall[0]:.0f}, (c) {wall[1]:.0f}; real tokens per step: (b) '
+        f'{real[0]:.0f}, (c) {real[1]:.0f}. (c)\'s backward is one figure (autograd); its optimizer row is '
+        f'clip_grad_norm_ + AdamW.step')
 
 
 def timed_runs(a) -> None:
@@ -295,6 +420,14 @@ def timed_runs(a) -> None:
       name = f'(c) torch, pad to longest + grouping ({threads} threads)'
       results[name] = epoch_torch(step, chunks, samples, config)
       print(f'{name}: {results[name]["time"]:.1f} s, load average {os.getloadavg()[0]:.1f}', flush=True)
+      if a.profile:
+        b, c = results['(b) ours, packed'], results[name]
+        n = a.profile_steps
+        ours_ms = profile_ours(setup, b['state'], b['batches'][:n], a.profile)
+        torch_ms = profile_torch(step, c['batches'][:n])
+        print_profile(ours_ms, torch_ms, (b['time'] / b['steps'] * 1e3, c['time'] / c['steps'] * 1e3),
+                      (b['real'] / b['steps'], c['real'] / c['steps']))
+        print(f'load average after the profile: {os.getloadavg()}')
   finally:
     shutil.rmtree(root, ignore_errors=True)
 
@@ -322,6 +455,9 @@ def main(argv=None):
   p.add_argument('--no-train', action='store_true', help='packing statistics only')
   p.add_argument('--no-torch', action='store_true', help='skip run (c)')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--profile', metavar='DIR', default=None,
+                 help="after the runs, profile (b) (jax.profiler trace into DIR) and (c) by phase")
+  p.add_argument('--profile-steps', type=int, default=4, help='steps of (b) and of (c) in the profile')
   a = p.parse_args(argv)
   print(f'cpu cores: {os.cpu_count()}  load average: {os.getloadavg()}')
   packing_table(a.stat_samples, a.bins)

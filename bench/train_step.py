@@ -215,6 +215,7 @@ def torch_trainer(config: LlavaConfig, a, params):
     opt.zero_grad(set_to_none=True)
     return loss.detach()
 
+  step.model, step.optimizer, step.params, step.clip_norm = model, opt, params_t, optim.clip_norm  # bench/epoch.py
   return step, sum(p.numel() for p in params_t), torch.get_num_threads()
 
 

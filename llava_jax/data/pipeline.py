@@ -22,8 +22,8 @@ The rows of an epoch are planned once, globally, from (seed, epoch) and the exac
 every sample (tokenized once, cached in the dataset folder's token_lengths/): the epoch's order as
 above, then first-fit into the open rows, closing the fullest when none fits (`pack_rows`). The global
 batches are those rows in order, the last completed with empty rows (no sample is repeated), so
-per-process slices, worker counts and mid-epoch restore behave exactly as without packing. Truncation and drops follow the same
-rules (a dropped sample takes no room and is counted). grain's FirstFitPackIterDataset (0.2.18) packs
+per-process slices, worker counts and mid-epoch restore behave exactly as without packing. Truncation
+and drops follow the same rules (a dropped sample takes no room and is counted). grain's FirstFitPackIterDataset (0.2.18) packs
 each process's stream online; it is not used because rows would then depend on the process count and
 on buffering (an unknown number of steps per epoch, samples of two epochs in one row).
 """
