@@ -210,16 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest='command', required=True)
 
   p = sub.add_parser('answer', help='answer the question JSONL with a model (batched, resumable)')
-  p.add_argument('--checkpoint', required=True, help='exported llava_jax model dir or HF LLaVA dir')
-  p.add_argument('--questions', required=True, help='questions JSONL (question_id, image, text, category)')
-  p.add_argument('--image-folder', required=True)
-  p.add_argument('--out', required=True, help='answers JSONL; finished question_ids are skipped on rerun')
-  p.add_argument('--template', help="conversation template (default: the checkpoint's)")
-  p.add_argument('--batch-size', type=int, default=8)
-  p.add_argument('--max-new-tokens', type=int, default=1024)
-  p.add_argument('--temperature', type=float, default=0.0, help='0 = greedy (as the original eval)')
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--model-id', help='model_id written to each answer (default: checkpoint dir name)')
+  predict.add_answer_args(p, 'questions JSONL (question_id, image, text, category)')
   p.set_defaults(fn=_cmd_answer)
 
   p = sub.add_parser('review', help='score candidate vs reference answers with a judge model')

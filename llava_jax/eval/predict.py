@@ -65,6 +65,20 @@ def read_finished(path: str) -> set:
   return done
 
 
+def add_answer_args(p, questions_help: Optional[str] = None) -> None:
+  """The flags every 'answer a question JSONL with a model' command shares (LLaVA-Bench, ScienceQA)."""
+  p.add_argument('--checkpoint', required=True, help='exported llava_jax model dir or HF LLaVA dir')
+  p.add_argument('--questions', required=True, help=questions_help)
+  p.add_argument('--image-folder', required=True)
+  p.add_argument('--out', required=True, help='answers JSONL; finished question_ids are skipped on rerun')
+  p.add_argument('--template', help="conversation template (default: the checkpoint's)")
+  p.add_argument('--batch-size', type=int, default=8)
+  p.add_argument('--max-new-tokens', type=int, default=1024)
+  p.add_argument('--temperature', type=float, default=0.0, help='0 = greedy (as the original eval)')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--model-id', help='model_id written to each answer (default: checkpoint dir name)')
+
+
 def answer_questions(model_dir_or_hf, questions_jsonl: str, image_folder: Optional[str], out_jsonl: str, *,
                      template: Optional[str] = None, batch_size: int = 8, max_new_tokens: int = 1024,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,

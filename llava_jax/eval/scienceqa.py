@@ -335,16 +335,7 @@ def main(argv=None):
   p.set_defaults(fn=_cmd_convert)
 
   p = sub.add_parser('predict', help='answer a question JSONL with a model (batched, resumable)')
-  p.add_argument('--checkpoint', required=True, help='exported llava_jax model dir or HF LLaVA dir')
-  p.add_argument('--questions', required=True)
-  p.add_argument('--image-folder', required=True)
-  p.add_argument('--out', required=True, help='answers JSONL; finished question_ids are skipped on rerun')
-  p.add_argument('--template', help="conversation template (default: the checkpoint's)")
-  p.add_argument('--batch-size', type=int, default=8)
-  p.add_argument('--max-new-tokens', type=int, default=1024)
-  p.add_argument('--temperature', type=float, default=0.0, help='0 = greedy (as the original eval)')
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--model-id', help='model_id written to each answer (default: checkpoint dir name)')
+  predict.add_answer_args(p)
   p.add_argument('--image-aspect', choices=('square', 'pad'),
                  help="image preprocessing (default: the checkpoint's, else square; LLaVA-1.5 uses pad)")
   p.add_argument('--mesh', help='data,fsdp,tensor mesh shape over all devices, e.g. -1,1,1 (batch must divide)')
